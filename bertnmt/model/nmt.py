@@ -1,0 +1,128 @@
+"""The whole BERT-fused NMT model (paper section 4): embeddings, encoder, decoder, output layer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertnmt.config import ModelConfig
+from bertnmt.model.decoder import Decoder, DecoderState
+from bertnmt.model.encoder import Encoder
+from bertnmt.model.pretrained import PretrainedEncoder
+
+
+@dataclass
+class EncoderOut:
+    """What the decoder attends to: H_E and (when fused) H_B, with their padding masks."""
+
+    enc_out: Tensor  # (B, S, C) H_E
+    src_pad: Tensor  # (B, S) bool, True = pad
+    bert_out: Tensor | None = None  # (B, E, Hb) H_B
+    bert_pad: Tensor | None = None  # (B, E) bool, True = pad
+
+
+class BertFusedTransformer(nn.Module):
+    """Transformer NMT whose encoder and decoder layers also attend to H_B (paper section 4).
+
+    ``fused=False`` gives the plain Transformer of the warm start (paper section 5): no
+    ``bert_attn`` modules and no ``bert``. All other parameter names are identical, so a plain
+    state dict loads into a fused model with ``strict=False`` and only ``*.bert_attn.*`` and
+    ``bert.*`` keys missing.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, bert: PretrainedEncoder | None):
+        super().__init__()
+        self.cfg, self.vocab_size, self.pad_id = cfg, vocab_size, pad_id
+        self.uses_bert = cfg.fused and (cfg.fuse_encoder or cfg.fuse_decoder)
+        if self.uses_bert and bert is None:
+            raise ValueError("model.fused=true needs a PretrainedEncoder (bert)")
+        self.bert = bert if self.uses_bert else None
+        bert_dim = bert.hidden_size if self.bert is not None else None
+
+        C = cfg.d_model
+        self.embed_tokens = self._embedding(vocab_size, C, pad_id)
+        self.encoder = Encoder(cfg, bert_dim)
+        self.decoder = Decoder(cfg, bert_dim)
+        if cfg.share_embeddings:
+            self.decoder_embed_tokens = None
+            self.output_projection = None
+        else:
+            self.decoder_embed_tokens = self._embedding(vocab_size, C, pad_id)
+            self.output_projection = nn.Linear(C, vocab_size, bias=False)
+            nn.init.normal_(self.output_projection.weight, mean=0.0, std=C**-0.5)
+
+    @staticmethod
+    def _embedding(vocab_size: int, dim: int, pad_id: int) -> nn.Embedding:
+        emb = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        nn.init.normal_(emb.weight, mean=0.0, std=dim**-0.5)  # fairseq
+        nn.init.zeros_(emb.weight[pad_id])
+        return emb
+
+    # ------------------------------------------------------------------ encoder side
+    def bert_features(self, enc_ids: Tensor, enc_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """H_B (B, E, Hb) from the pretrained encoder, and its padding mask (B, E) True = pad."""
+        if self.bert is None:
+            raise ValueError("this model is not BERT-fused")
+        return self.bert(enc_ids, enc_mask), enc_mask.eq(0)
+
+    def encode(
+        self,
+        src: Tensor,  # (B, S) long, right-padded
+        enc_ids: Tensor | None = None,  # (B, E) long, the pretrained encoder's ids
+        enc_mask: Tensor | None = None,  # (B, E) 1 = real
+        bert_out: tuple[Tensor, Tensor] | None = None,  # precomputed (H_B, bert_pad)
+    ) -> EncoderOut:
+        """Run BERT (when fused) and the NMT encoder (paper eq. 1)."""
+        src_pad = src.eq(self.pad_id)  # (B, S)
+        h_b = b_pad = None
+        if self.uses_bert:
+            if bert_out is not None:
+                h_b, b_pad = bert_out
+            elif enc_ids is None or enc_mask is None:
+                raise ValueError("a BERT-fused model needs enc_ids and enc_mask (or bert_out)")
+            else:
+                h_b, b_pad = self.bert_features(enc_ids, enc_mask)
+        enc_out = self.encoder(self.embed_tokens(src), src_pad, h_b, b_pad)  # (B, S, C)
+        return EncoderOut(enc_out, src_pad, h_b, b_pad)
+
+    # ------------------------------------------------------------------ decoder side
+    def _output(self, x: Tensor) -> Tensor:
+        if self.output_projection is None:
+            return F.linear(x, self.embed_tokens.weight)  # (B, T, V)
+        return self.output_projection(x)
+
+    def init_decoder_state(self, enc: EncoderOut) -> DecoderState:
+        """Incremental-decoding state; static cross/BERT keys and values are computed here once."""
+        return self.decoder.init_state(enc.enc_out, enc.src_pad, enc.bert_out, enc.bert_pad)
+
+    def decode(self, tgt_in: Tensor, enc: EncoderOut | None, state: DecoderState | None = None) -> Tensor:
+        """Logits (B, T, V) for ``tgt_in`` (B, T) (paper eq. 3).
+
+        state=None: teacher-forced full pass over ``tgt_in``. With a state: incremental step,
+        ``tgt_in`` holds only the newest token(s) (B, 1); masks and keys come from the state
+        (``enc`` may be None) and the state advances.
+        """
+        embed = self.embed_tokens if self.decoder_embed_tokens is None else self.decoder_embed_tokens
+        tok = embed(tgt_in)  # (B, T, C)
+        if state is None:
+            if enc is None:
+                raise ValueError("decode() without a state needs the encoder output")
+            x = self.decoder(tok, enc.enc_out, enc.src_pad, enc.bert_out, enc.bert_pad)
+        else:
+            x = self.decoder(tok, None, None, state=state)
+        return self._output(x)  # (B, T, V)
+
+    def forward(
+        self,
+        src: Tensor,  # (B, S)
+        tgt_in: Tensor,  # (B, T) bos + target
+        enc_ids: Tensor | None = None,  # (B, E)
+        enc_mask: Tensor | None = None,  # (B, E)
+        bert_out: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        return self.decode(tgt_in, self.encode(src, enc_ids, enc_mask, bert_out))  # (B, T, V)
+
+    def nmt_state_dict(self) -> dict[str, Tensor]:
+        """The state dict without the pretrained encoder's ``bert.*`` weights (for checkpoints)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("bert.")}

@@ -1,0 +1,121 @@
+"""The pretrained encoder that produces H_B (paper section 4), wrapped for freezing.
+
+While ``frozen`` the wrapper holds its Hugging Face model in eval mode (no dropout, even when a
+parent calls ``.train()``) and runs it under ``torch.no_grad()`` (not ``inference_mode``: its
+outputs feed trainable layers whose backward pass must be able to save them).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from bertnmt.config import BertConfig
+from bertnmt.errors import ConfigError
+
+
+def _hub_offline() -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+@contextlib.contextmanager
+def _quiet_hf():
+    """Silence the load report (the unused pooler weights) and progress bars while loading."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(path: str, **kwargs):
+    """``AutoModel.from_pretrained`` without the pooler where the class has one."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+    except TypeError as err:  # DistilBERT, ELECTRA, ...: no pooler argument
+        if "add_pooling_layer" not in str(err):
+            raise
+        return AutoModel.from_pretrained(path, **kwargs)
+
+
+class PretrainedEncoder(nn.Module):
+    """``AutoModel`` without pooler; returns the hidden states chosen by ``cfg.layer``.
+
+    layer = -1: ``last_hidden_state`` (paper default); otherwise ``hidden_states[layer]``
+    (0 = embeddings, k = after block k, negative indexes count from the end).
+    """
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        from bertnmt.data.tokenize import resolve_model_path
+
+        self.name = cfg.path
+        path = resolve_model_path(cfg.path)  # pypi:<module> -> its folder; raises ConfigError
+        try:
+            with _quiet_hf():
+                if Path(path).is_dir():
+                    model = _from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+                else:  # a hub name: the local HF cache first, the network only when allowed
+                    try:
+                        model = _from_pretrained(
+                            path, trust_remote_code=cfg.trust_remote_code, local_files_only=True
+                        )
+                    except OSError:
+                        if _hub_offline():
+                            raise
+                        model = _from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as err:
+            if not Path(path).is_dir() and isinstance(err, OSError):
+                raise ConfigError(
+                    f"pretrained encoder {cfg.path!r} is not available offline: "
+                    "download it once or set bert.path=/a/local/folder"
+                ) from err
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"bert.path={cfg.path!r}: cannot load a pretrained encoder: {first}") from err
+        self.model = model
+        self.hidden_size: int = int(model.config.hidden_size)
+        n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+        if n_layers and not -(n_layers + 1) <= cfg.layer <= n_layers:
+            raise ConfigError(
+                f"bert.layer={cfg.layer} is out of range for the {n_layers}-layer encoder {cfg.path!r}"
+            )
+        self.layer = cfg.layer
+        self.frozen = False  # set by the freeze policy (bertnmt.freeze); enforced here
+        self._mode = True  # the mode last asked for by ``train()``, restored on unfreezing
+        self.train()  # from_pretrained returns eval mode; start like any new nn.Module
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Freeze (or unfreeze): flag, ``requires_grad`` of every parameter, and eval mode."""
+        self.frozen = frozen
+        for p in self.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self._mode)
+
+    def train(self, mode: bool = True) -> "PretrainedEncoder":
+        """Like ``nn.Module.train``, but while frozen everything stays in eval mode (no dropout)."""
+        self._mode = mode
+        return super().train(mode and not self.frozen)
+
+    def forward(self, enc_ids: Tensor, enc_mask: Tensor) -> Tensor:
+        """enc_ids (B, E) long, enc_mask (B, E) 1 = real token -> H_B (B, E, hidden_size)."""
+        ctx = torch.no_grad() if self.frozen else contextlib.nullcontext()
+        with ctx:
+            out = self.model(
+                input_ids=enc_ids, attention_mask=enc_mask,
+                output_hidden_states=self.layer != -1, return_dict=True,
+            )
+            if self.layer == -1:
+                return out.last_hidden_state  # (B, E, H)
+            return out.hidden_states[self.layer]  # (B, E, H)

@@ -1,0 +1,289 @@
+"""One training stage: the loop, its optimiser and schedule, validation and reporting.
+
+Every epoch writes one line to ``results.jsonl`` (and TensorBoard): epoch wall time,
+target tokens/s, train/valid loss, valid BLEU, trainable/total parameters and peak memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bertnmt.checkpoint import load_checkpoint, load_model_weights, model_weights, save_checkpoint
+from bertnmt.config import Config
+from bertnmt.data.collate import Batch, make_loader
+from bertnmt.data.prepare import PreparedData, Split
+from bertnmt.freeze import FreezePolicy
+from bertnmt.metrics import corpus_scores
+from bertnmt.search import beam_search, greedy_search
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; fp32 on the CPU (the default there, see docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated, or the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def inverse_sqrt(warmup: int):
+    """fairseq's inverse_sqrt: linear warm-up to the peak lr, then lr * sqrt(warmup / step)."""
+    warmup = max(1, warmup)
+
+    def factor(step: int) -> float:
+        step += 1
+        return min(step / warmup, math.sqrt(warmup / step))
+
+    return factor
+
+
+def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad_id: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label-smoothed cross entropy and summed NLL over non-pad tokens."""
+    logits = logits.float().view(-1, logits.size(-1))  # (B*T, V)
+    target = target.reshape(-1)  # (B*T,)
+    loss = F.cross_entropy(logits, target, ignore_index=pad_id, label_smoothing=eps, reduction="sum")
+    with torch.no_grad():
+        nll = F.cross_entropy(logits, target, ignore_index=pad_id, reduction="sum")
+    return loss, nll
+
+
+@dataclass
+class StageResult:
+    stage: str
+    best_path: Path
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def mean_epoch_time(self) -> float:
+        times = [e["epoch_time_s"] for e in self.epochs]
+        return sum(times) / max(1, len(times))
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def head(split: Split, n: int) -> Split:
+    """The first ``n`` sentences of a split."""
+    if n >= len(split.src_ids):
+        return split
+    enc = split.enc_ids[:n] if split.enc_ids is not None else None
+    return replace(split, src_text=split.src_text[:n], tgt_text=split.tgt_text[:n],
+                   src_ids=split.src_ids[:n], tgt_ids=split.tgt_ids[:n], enc_ids=enc)
+
+
+def translate_split(model: nn.Module, data: PreparedData, split: Split, cfg: Config, device: torch.device,
+                    beam: int, enc_pad_id: int | None, limit: int = 0) -> list[str]:
+    """Decode a split (greedy when beam == 1) and return detokenised hypotheses in corpus order."""
+    model.eval()
+    sub = view_for(model, head(split, limit) if limit else split)
+    n = len(sub.src_ids)
+    enc_pad = enc_pad_id if sub.enc_ids is not None else None
+    loader = make_loader(sub, max_tokens=cfg.data.max_tokens, seed=0, shuffle=False, enc_pad_id=enc_pad)
+    hyps: list[str] = [""] * n
+    ev = cfg.eval
+    with torch.inference_mode(), autocast(device):
+        for batch in loader:
+            batch = batch.to(device)
+            for i in range(0, batch.src.size(0), ev.batch_sents):
+                sl = slice(i, i + ev.batch_sents)
+                enc_ids = batch.enc_ids[sl] if batch.enc_ids is not None else None
+                enc_mask = batch.enc_mask[sl] if batch.enc_mask is not None else None
+                if beam == 1:
+                    outs = greedy_search(model, batch.src[sl], enc_ids, enc_mask, ev.max_len_a, ev.max_len_b)
+                else:
+                    nbest = beam_search(model, batch.src[sl], enc_ids, enc_mask, beam, ev.lenpen, ev.max_len_a, ev.max_len_b)
+                    outs = [h[0][0] for h in nbest]
+                for idx, ids in zip(batch.indices[sl].tolist(), outs):
+                    hyps[idx] = data.vocab.decode(ids)
+    return hyps
+
+
+class Trainer:
+    """Trains one stage (``baseline`` or ``fused``) of the recipe in ``run_dir``."""
+
+    def __init__(self, cfg: Config, model: nn.Module, data: PreparedData, policy: FreezePolicy,
+                 run_dir: Path, stage: str, meta: dict[str, Any], enc_pad_id: int | None = None) -> None:
+        self.cfg, self.model, self.data, self.policy = cfg, model, data, policy
+        self.run_dir, self.stage, self.meta = Path(run_dir), stage, meta
+        self.device = pick_device(cfg.trainer.device)
+        self.model.to(self.device)
+        self.policy.apply(self.model)
+        groups = self.policy.param_groups(self.model, cfg.optim)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(o.warmup_steps))
+        self.enc_pad_id = enc_pad = enc_pad_id if model_uses_bert(model) else None
+        self.train_loader = make_loader(view_for(model, data.splits["train"]), cfg.data.max_tokens, cfg.trainer.seed, True, enc_pad,
+                                        pin_memory=self.device.type == "cuda")
+        self.valid_loader = make_loader(view_for(model, data.splits["valid"]), cfg.data.max_tokens, 0, False, enc_pad)
+        self.step = 0
+        self.results = self.run_dir / "results.jsonl"
+        self.ckpt_dir = self.run_dir / "checkpoints" / stage
+        self.writer = None
+        if cfg.trainer.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb" / stage))
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device):
+            logits = self.model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask)  # (B, T, V)
+        return smoothed_loss(logits, batch.tgt_out, self.data.vocab.pad_id, self.cfg.optim.label_smoothing)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        t = self.cfg.trainer
+        self.model.train()
+        self.train_loader.batch_sampler.set_epoch(epoch)
+        tot_loss = tot_tokens = 0.0
+        accum: list[Batch] = []
+        start = time.perf_counter()
+        bar = None
+        if t.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(self.train_loader), desc=f"{self.stage} epoch {epoch}", leave=False, dynamic_ncols=True)
+        for batch in self.train_loader:
+            accum.append(batch.to(self.device, non_blocking=True))
+            if len(accum) < t.accum_steps:
+                continue
+            ntok = sum(b.ntokens for b in accum)
+            for b in accum:
+                loss, _ = self._forward_loss(b)
+                (loss / ntok).backward()
+                tot_loss += loss.item()
+            tot_tokens += ntok
+            if self.cfg.optim.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)  # frozen weights keep grad None (pitfall 2)
+            self.step += 1
+            accum = []
+            if bar is not None:
+                bar.update(t.accum_steps)
+                bar.set_postfix(loss=f"{tot_loss / max(1, tot_tokens):.3f}")
+            if self.writer is not None and self.step % t.log_every == 0:
+                self.writer.add_scalar("train/loss", tot_loss / max(1, tot_tokens), self.step)
+                self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+            if t.max_steps and self.step >= t.max_steps:
+                break
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        return {"train_loss": tot_loss / max(1, tot_tokens), "epoch_time_s": elapsed,
+                "train_tokens": int(tot_tokens), "tokens_per_s": tot_tokens / max(elapsed, 1e-9)}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        loss_sum = nll_sum = ntok = 0.0
+        for batch in self.valid_loader:
+            batch = batch.to(self.device)
+            loss, nll = self._forward_loss(batch)
+            loss_sum += loss.item()
+            nll_sum += nll.item()
+            ntok += batch.ntokens
+        out = {"valid_loss": loss_sum / ntok, "valid_nll": nll_sum / ntok, "valid_ppl": math.exp(min(nll_sum / ntok, 50))}
+        if self.cfg.trainer.valid_bleu:
+            split = self.data.splits["valid"]
+            limit = self.cfg.trainer.valid_max_sents
+            hyps = translate_split(self.model, self.data, split, self.cfg, self.device, 1, self.enc_pad_id, limit)
+            score = corpus_scores(hyps, split.tgt_text[: len(hyps)], self.cfg.data.tgt_lang)
+            out["valid_bleu"] = score.bleu
+        return out
+
+    # -- the stage ---------------------------------------------------------------------------
+    def fit(self) -> StageResult:
+        t = self.cfg.trainer
+        best = -math.inf
+        result = StageResult(self.stage, self.ckpt_dir / "checkpoint_best.pt")
+        counts = self.policy.report(self.model)
+        log.info("[%s] trainable parameters %s / %s", self.stage, f"{counts['trainable_params']:,}", f"{counts['total_params']:,}")
+        for epoch in range(1, t.max_epochs + 1):
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            tr = self.train_epoch(epoch)
+            va = self.validate()
+            rec = {"stage": self.stage, "epoch": epoch, "step": self.step, **tr, **va,
+                   "lr": self.scheduler.get_last_lr()[0], "peak_mem_mb": round(peak_memory_mb(self.device), 1),
+                   **self.policy.report(self.model)}
+            result.epochs.append(rec)
+            append_jsonl(self.results, rec)
+            self._log_epoch(rec)
+            metric = va.get("valid_bleu", -va["valid_loss"])
+            payload = self._payload(epoch, metric)
+            save_checkpoint(self.ckpt_dir / "checkpoint_last.pt", payload)
+            if metric > best:
+                best = metric
+                save_checkpoint(result.best_path, payload)
+            if t.max_steps and self.step >= t.max_steps:
+                break
+        if self.writer is not None:
+            self.writer.close()
+        return result
+
+    def _payload(self, epoch: int, metric: float) -> dict[str, Any]:
+        return {
+            "model": model_weights(self.model, include_bert=self.policy.bert_trainable),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch, "step": self.step, "metric": float(metric),
+            "freeze": self.policy.state_dict(), "meta": self.meta,
+        }
+
+    def _log_epoch(self, rec: dict[str, Any]) -> None:
+        bleu = f" valid BLEU {rec['valid_bleu']:.2f} |" if "valid_bleu" in rec else ""
+        log.info(
+            "[%s] epoch %d | %.1f s | %.0f tok/s | train loss %.3f | valid loss %.3f ppl %.2f |%s trainable %s/%s | peak mem %.0f MB",
+            self.stage, rec["epoch"], rec["epoch_time_s"], rec["tokens_per_s"], rec["train_loss"], rec["valid_loss"],
+            rec["valid_ppl"], bleu, f"{rec['trainable_params']:,}", f"{rec['total_params']:,}", rec["peak_mem_mb"],
+        )
+        if self.writer is not None:
+            for k in ("train_loss", "valid_loss", "valid_ppl", "valid_bleu", "tokens_per_s", "epoch_time_s", "peak_mem_mb"):
+                if k in rec:
+                    self.writer.add_scalar(f"epoch/{k}", rec[k], rec["epoch"])
+
+
+def model_uses_bert(model: nn.Module) -> bool:
+    return getattr(model, "bert", None) is not None
+
+
+def view_for(model: nn.Module, split: Split) -> Split:
+    """The split as the model reads it: a plain Transformer ignores the encoder's token view."""
+    if split.enc_ids is None or model_uses_bert(model):
+        return split
+    return replace(split, enc_ids=None)
+
+
+def load_best(model: nn.Module, path: Path) -> dict[str, Any]:
+    """Load a stage's best weights into ``model`` (the pretrained encoder may be absent from the file)."""
+    ckpt = load_checkpoint(path)
+    load_model_weights(model, ckpt["model"], str(path))
+    return ckpt

