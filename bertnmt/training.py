@@ -101,10 +101,9 @@ def translate_split(model: nn.Module, data: PreparedData, split: Split, cfg: Con
                     beam: int, enc_pad_id: int | None, limit: int = 0) -> list[str]:
     """Decode a split (greedy when beam == 1) and return detokenised hypotheses in corpus order."""
     model.eval()
-    sub = view_for(model, head(split, limit) if limit else split)
+    sub = head(split, limit) if limit else split
     n = len(sub.src_ids)
-    enc_pad = enc_pad_id if sub.enc_ids is not None else None
-    loader = make_loader(sub, max_tokens=cfg.data.max_tokens, seed=0, shuffle=False, enc_pad_id=enc_pad)
+    loader = make_loader(sub, max_tokens=cfg.data.max_tokens, seed=0, shuffle=False, enc_pad_id=enc_pad_id)
     hyps: list[str] = [""] * n
     ev = cfg.eval
     with torch.inference_mode(), autocast(device):
@@ -139,9 +138,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(o.warmup_steps))
         self.enc_pad_id = enc_pad = enc_pad_id if model_uses_bert(model) else None
-        self.train_loader = make_loader(view_for(model, data.splits["train"]), cfg.data.max_tokens, cfg.trainer.seed, True, enc_pad,
+        self.train_loader = make_loader(data.splits["train"], cfg.data.max_tokens, cfg.trainer.seed, True, enc_pad,
                                         pin_memory=self.device.type == "cuda")
-        self.valid_loader = make_loader(view_for(model, data.splits["valid"]), cfg.data.max_tokens, 0, False, enc_pad)
+        self.valid_loader = make_loader(data.splits["valid"], cfg.data.max_tokens, 0, False, enc_pad)
         self.step = 0
         self.results = self.run_dir / "results.jsonl"
         self.ckpt_dir = self.run_dir / "checkpoints" / stage
@@ -273,13 +272,6 @@ class Trainer:
 
 def model_uses_bert(model: nn.Module) -> bool:
     return getattr(model, "bert", None) is not None
-
-
-def view_for(model: nn.Module, split: Split) -> Split:
-    """The split as the model reads it: a plain Transformer ignores the encoder's token view."""
-    if split.enc_ids is None or model_uses_bert(model):
-        return split
-    return replace(split, enc_ids=None)
 
 
 def load_best(model: nn.Module, path: Path) -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """Train a model: ``python scripts/train.py +exp=frozen_bert`` (see conf/exp/ for the recipes)."""
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
@@ -13,7 +12,6 @@ from bertnmt.errors import BertNMTError
 from bertnmt.pipeline import run
 
 register_configs()
-log = logging.getLogger("bertnmt")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -23,7 +21,6 @@ def main(dcfg: DictConfig) -> None:
     try:
         run(cfg)
     except BertNMTError as e:
-        log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
