@@ -50,11 +50,39 @@ class BertConfig:
 
 
 @dataclass
-class FreezeConfig:
-    """What trains. Interpreted by :mod:`bertnmt.freeze` alone."""
+class FreezeRule:
+    """One rule of the general ``rules`` policy (presets compile into these).
 
-    policy: str = "frozen"  # frozen | finetune
-    bert_lr_mult: float = 1.0
+    ``match`` selects parameters by name: a glob (``decoder.layers.*.bert_attn.*``), a regex after
+    ``re:`` (searched, not anchored), or a group after ``group:`` (``bert``, ``fusion``, ``encoder``,
+    ``decoder``, ``embeddings``, ``bert.embeddings``, ``bert.layer.K`` with K < 0 counting from the
+    top; for any other model, its top-level children). The rule holds over the window
+    [start, end) of ``FreezeConfig.unit`` (null = open): epochs are 1-based, steps are 0-based
+    optimizer updates. Inside it the parameters are frozen, or (``frozen: false``) train with
+    learning-rate multiplier ``lr_mult``, ramped linearly over the first ``warmup`` units.
+    """
+
+    match: str = ""  # required: an empty match is a ConfigError
+    frozen: bool = True
+    start: Optional[int] = None
+    end: Optional[int] = None
+    lr_mult: float = 1.0
+    warmup: int = 0
+
+
+@dataclass
+class FreezeConfig:
+    """What trains, and when. Interpreted by :mod:`bertnmt.freeze` alone (see README, "Freezing")."""
+
+    policy: str = "frozen"  # frozen | finetune | unfreeze_after | gradual | nmt_frozen | rules
+    unit: str = "epoch"  # epoch (1-based) | step (0-based optimizer updates): the unit of every window
+    bert_lr_mult: float = 1.0  # the pretrained encoder's lr multiplier whenever it trains
+    unfreeze_at: Optional[int] = None  # unfreeze_after: the encoder trains from here; gradual: its top layer does
+    warmup: int = 0  # unfreeze_after / gradual: linear lr warm-up over this many units after each unfreeze
+    every: int = 1  # gradual: one more encoder layer (top down, then its embeddings) every `every` units
+    until: Optional[int] = None  # nmt_frozen: the NMT part is fixed before this position (null = always)
+    rules: list[FreezeRule] = field(default_factory=list)  # policy=rules; with a preset, appended to its rules
+    dry_run: bool = False  # print what trains at each epoch (or switch step) and exit, without data
 
 
 @dataclass

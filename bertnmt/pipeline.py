@@ -24,10 +24,10 @@ import torch
 from omegaconf import OmegaConf
 
 from bertnmt.checkpoint import warm_start
-from bertnmt.config import Config
+from bertnmt.config import Config, FreezeConfig
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
-from bertnmt.data.tokenize import EncoderTokenizer
-from bertnmt.freeze import FreezePolicy
+from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
+from bertnmt.freeze import FreezePolicy, schedule_table
 from bertnmt.metrics import corpus_scores
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
@@ -69,8 +69,20 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def build_model(cfg: Config, data: PreparedData) -> BertFusedTransformer:
+    return make_model(cfg, len(data.vocab), data.vocab.pad_id)
+
+
+def make_model(cfg: Config, vocab_size: int, pad_id: int = SubwordVocab.pad_id) -> BertFusedTransformer:
     bert = PretrainedEncoder(cfg.bert) if cfg.model.fused else None
-    return BertFusedTransformer(cfg.model, len(data.vocab), data.vocab.pad_id, bert)
+    return BertFusedTransformer(cfg.model, vocab_size, pad_id, bert)
+
+
+def check_freeze(cfg: Config) -> tuple[FreezePolicy, BertFusedTransformer]:
+    """The freeze policy, checked against a model built before any data (vocabulary size from
+    ``data.vocab_size``): a bad rule, window or group is a ConfigError here, not after data preparation."""
+    policy = FreezePolicy(cfg.freeze)
+    model = make_model(cfg, cfg.data.vocab_size)
+    return policy.bind(model), model
 
 
 def baseline_key(cfg: Config, data: PreparedData) -> str:
@@ -147,6 +159,7 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
     bcfg = replace(
         cfg,
         model=replace(cfg.model, fused=False),
+        freeze=FreezeConfig(policy="finetune"),  # the warm-start baseline trains everything, whatever the fused policy
         trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps),
     )
     summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": asdict(bcfg.model)}, None)
@@ -162,7 +175,12 @@ def run(cfg: Config) -> dict[str, Any]:
     """Run the configured experiment in ``cfg.output_dir``; returns the summary (also in summary.json)."""
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    FreezePolicy(cfg.freeze)  # a bad policy fails before any data is loaded
+    policy, skeleton = check_freeze(cfg)  # a bad policy fails before any data is loaded
+    if cfg.freeze.dry_run:
+        table = schedule_table(policy, skeleton, cfg.trainer.max_epochs, cfg.trainer.max_steps)
+        print(f"{table}\n(dry run: model {cfg.model.name} with data.vocab_size={cfg.data.vocab_size}; nothing was trained)")
+        return {"name": cfg.name, "dry_run": True, "table": table}
+    del policy, skeleton
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     start = time.perf_counter()
     data = prepare_data(cfg.data)

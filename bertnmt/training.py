@@ -1,7 +1,9 @@
 """One training stage: the loop, its optimiser and schedule, validation and reporting.
 
 Every epoch writes one line to ``results.jsonl`` (and TensorBoard): epoch wall time,
-target tokens/s, train/valid loss, valid BLEU, trainable/total parameters and peak memory.
+target tokens/s, train/valid loss, valid BLEU, trainable/total parameters (per group, with the
+active freeze rules) and peak memory. ``Trainer(..., resume=CKPT)`` continues a stage exactly:
+model, optimizer, schedule, epoch, step, freeze position and RNG state come from the checkpoint.
 """
 from __future__ import annotations
 
@@ -123,17 +125,37 @@ def translate_split(model: nn.Module, data: PreparedData, split: Split, cfg: Con
     return hyps
 
 
+def rng_state() -> dict[str, Any]:
+    """Torch's RNG state (dropout, drop-net): uint8 tensors, fine for ``weights_only`` loading."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class Trainer:
-    """Trains one stage (``baseline`` or ``fused``) of the recipe in ``run_dir``."""
+    """Trains one stage (``baseline`` or ``fused``) of the recipe in ``run_dir``.
+
+    The freeze policy is applied at each epoch start and, with ``freeze.unit=step``, before every
+    optimizer update; the lr of each parameter is the inverse-sqrt schedule times its policy multiplier.
+    """
 
     def __init__(self, cfg: Config, model: nn.Module, data: PreparedData, policy: FreezePolicy,
-                 run_dir: Path, stage: str, meta: dict[str, Any], enc_pad_id: int | None = None) -> None:
+                 run_dir: Path, stage: str, meta: dict[str, Any], enc_pad_id: int | None = None,
+                 resume: str | Path | None = None) -> None:
         self.cfg, self.model, self.data, self.policy = cfg, model, data, policy
         self.run_dir, self.stage, self.meta = Path(run_dir), stage, meta
         self.device = pick_device(cfg.trainer.device)
         self.model.to(self.device)
-        self.policy.apply(self.model)
-        groups = self.policy.param_groups(self.model, cfg.optim)
+        self.policy.apply(self.model, epoch=1, step=0)
+        groups = self.policy.param_groups(self.model, cfg.optim)  # every parameter, one group each
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(o.warmup_steps))
@@ -142,6 +164,8 @@ class Trainer:
                                         pin_memory=self.device.type == "cuda")
         self.valid_loader = make_loader(data.splits["valid"], cfg.data.max_tokens, 0, False, enc_pad)
         self.step = 0
+        self.start_epoch = 1
+        self.best = -math.inf
         self.results = self.run_dir / "results.jsonl"
         self.ckpt_dir = self.run_dir / "checkpoints" / stage
         self.writer = None
@@ -149,6 +173,30 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb" / stage))
+        if resume is not None:
+            self.resume(resume)
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint of this stage: weights, optimizer, schedule, epoch, step, freeze position, RNG."""
+        ckpt = load_checkpoint(path)
+        load_model_weights(self.model, ckpt["model"], str(path))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step, self.start_epoch = int(ckpt["step"]), int(ckpt["epoch"]) + 1
+        self.best = float(ckpt.get("best_metric", ckpt.get("metric", -math.inf)))
+        self.policy.load_state_dict(ckpt.get("freeze", {}))
+        set_rng_state(ckpt.get("rng", {}))
+        log.info("[%s] resumed from %s at epoch %d, step %d", self.stage, path, self.start_epoch, self.step)
+
+    def _sync_policy(self, epoch: int, at_epoch_start: bool = False) -> None:
+        """Apply the freeze policy at (epoch, step); log per-group counts at each epoch start and each switch."""
+        switched = self.policy.apply(self.model, epoch=epoch, step=self.step)
+        if switched or at_epoch_start:
+            rep = self.policy.report(self.model)
+            groups = " ".join(f"{g} {c['trainable']:,}/{c['total']:,}" for g, c in rep["params_by_group"].items())
+            log.info("[%s] epoch %d step %d%s | trainable %s/%s | %s | rules: %s", self.stage, epoch, self.step,
+                     " | freeze switch" if switched else "", f"{rep['trainable_params']:,}", f"{rep['total_params']:,}",
+                     groups, "; ".join(rep["active_rules"]) or "-")
 
     # -- one epoch ---------------------------------------------------------------------------
     def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,6 +207,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         t = self.cfg.trainer
         self.model.train()
+        self._sync_policy(epoch, at_epoch_start=True)  # after train(): fully frozen modules go back to eval
+        per_step = self.policy.unit == "step"
         self.train_loader.batch_sampler.set_epoch(epoch)
         tot_loss = tot_tokens = 0.0
         accum: list[Batch] = []
@@ -173,6 +223,8 @@ class Trainer:
             if len(accum) < t.accum_steps:
                 continue
             ntok = sum(b.ntokens for b in accum)
+            if per_step:
+                self._sync_policy(epoch)  # requires_grad for this update, before its forward passes
             for b in accum:
                 loss, _ = self._forward_loss(b)
                 (loss / ntok).backward()
@@ -180,10 +232,12 @@ class Trainer:
             tot_tokens += ntok
             if self.cfg.optim.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_norm)
+            self.policy.scale_lrs(self.optimizer, self.scheduler.get_last_lr())  # inverse sqrt x policy multiplier
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)  # frozen weights keep grad None (pitfall 2)
             self.step += 1
+            self.policy.step = self.step  # the policy's position: the index of the next update
             accum = []
             if bar is not None:
                 bar.update(t.accum_steps)
@@ -221,11 +275,10 @@ class Trainer:
     # -- the stage ---------------------------------------------------------------------------
     def fit(self) -> StageResult:
         t = self.cfg.trainer
-        best = -math.inf
         result = StageResult(self.stage, self.ckpt_dir / "checkpoint_best.pt")
-        counts = self.policy.report(self.model)
-        log.info("[%s] trainable parameters %s / %s", self.stage, f"{counts['trainable_params']:,}", f"{counts['total_params']:,}")
-        for epoch in range(1, t.max_epochs + 1):
+        for epoch in range(self.start_epoch, t.max_epochs + 1):
+            if t.max_steps and self.step >= t.max_steps:
+                break
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             tr = self.train_epoch(epoch)
@@ -237,10 +290,11 @@ class Trainer:
             append_jsonl(self.results, rec)
             self._log_epoch(rec)
             metric = va.get("valid_bleu", -va["valid_loss"])
+            improved = metric > self.best
+            self.best = max(self.best, metric)
             payload = self._payload(epoch, metric)
             save_checkpoint(self.ckpt_dir / "checkpoint_last.pt", payload)
-            if metric > best:
-                best = metric
+            if improved:
                 save_checkpoint(result.best_path, payload)
             if t.max_steps and self.step >= t.max_steps:
                 break
@@ -250,11 +304,12 @@ class Trainer:
 
     def _payload(self, epoch: int, metric: float) -> dict[str, Any]:
         return {
-            "model": model_weights(self.model, include_bert=self.policy.bert_trainable),
+            # the pretrained encoder is stored only when the policy ever trains part of it
+            "model": model_weights(self.model, include_bert=self.policy.may_train(self.model, "bert.")),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "epoch": epoch, "step": self.step, "metric": float(metric),
-            "freeze": self.policy.state_dict(), "meta": self.meta,
+            "epoch": epoch, "step": self.step, "metric": float(metric), "best_metric": float(self.best),
+            "freeze": self.policy.state_dict(), "rng": rng_state(), "meta": self.meta,
         }
 
     def _log_epoch(self, rec: dict[str, Any]) -> None:

@@ -65,3 +65,11 @@ def test_unknown_group_option_is_an_error() -> None:
 def test_wrong_type_is_an_error() -> None:
     with pytest.raises(Exception, match="d_model"):
         compose_cfg(["model.d_model=wide"])
+
+
+@pytest.mark.parametrize("exp, policy", [("finetune_bert", "finetune"), ("unfreeze_bert", "unfreeze_after"),
+                                         ("gradual_unfreeze", "gradual")])
+def test_freeze_experiments_select_their_preset(exp: str, policy: str) -> None:
+    cfg = compose_cfg([f"+exp={exp}"])
+    assert cfg.freeze.policy == policy and cfg.model.fused and cfg.warm_start.auto
+    assert compose_cfg([f"+exp={exp}", "freeze.unit=step"]).freeze.unit == "step"
