@@ -68,10 +68,6 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def build_model(cfg: Config, data: PreparedData) -> BertFusedTransformer:
-    return make_model(cfg, len(data.vocab), data.vocab.pad_id)
-
-
 def make_model(cfg: Config, vocab_size: int, pad_id: int = SubwordVocab.pad_id) -> BertFusedTransformer:
     bert = PretrainedEncoder(cfg.bert) if cfg.model.fused else None
     return BertFusedTransformer(cfg.model, vocab_size, pad_id, bert)
@@ -134,7 +130,7 @@ def train_stage(cfg: Config, data: PreparedData, run_dir: Path, stage: str, meta
                 enc_pad_id: int | None, warm: str | None = None) -> dict[str, Any]:
     """Build, (warm-start,) train and test one model."""
     seed_everything(cfg.trainer.seed)
-    model = build_model(cfg, data)
+    model = make_model(cfg, len(data.vocab), data.vocab.pad_id)
     if model.bert is not None:
         meta["encoder"]["weights_sha256"] = weights_sha256(model.bert)
         write_json(run_dir / "meta.json", meta)
