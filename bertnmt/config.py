@@ -47,6 +47,10 @@ class BertConfig:
     layer: int = -1  # which hidden state feeds the fusion; -1 = last block (paper default)
     max_length: int = 512  # longer inputs are truncated (and counted)
     trust_remote_code: bool = False
+    # Frozen-encoder feature cache (bertnmt.data.features): auto = H_B computed once per sentence,
+    # fp16 on disk under the data cache, when it fits the budget; off = always computed on the fly.
+    cache_features: str = "auto"
+    cache_budget_gb: float = 4.0
 
 
 @dataclass

@@ -203,6 +203,18 @@ class FreezePolicy:
         names = [n for n in self._params if n.startswith(prefix)]
         return any(self.state_at(pos)[0][n] for pos in self.boundaries() for n in names)
 
+    def encoder_untrained(self, model: nn.Module) -> bool:
+        """True while every parameter of the pretrained encoder (``bert.*``) has been frozen at every
+        position up to now: its outputs are those of the loaded weights, so cached features are valid.
+        False from the first position where any part of it trains, for the rest of the run."""
+        self._bound(model)
+        names = [n for n in self._params if n.startswith("bert.")]
+        if not names:
+            return False
+        now = self.position
+        positions = [p for p in self.boundaries() if p <= now] + [now]
+        return not any(self.state_at(pos)[0][n] for pos in positions for n in names)
+
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The policy and its position (only str/int/list: loadable with ``weights_only=True``)."""

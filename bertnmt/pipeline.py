@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from bertnmt.checkpoint import warm_start
 from bertnmt.config import Config, FreezeConfig
+from bertnmt.data.features import FeatureStore, feature_cache
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
 from bertnmt.freeze import FreezePolicy, schedule_table
@@ -93,7 +94,7 @@ def baseline_key(cfg: Config, data: PreparedData) -> str:
 
 
 def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result: StageResult, run_dir: Path,
-                 enc_pad_id: int | None) -> dict[str, Any]:
+                 enc_pad_id: int | None, features: FeatureStore | None = None) -> dict[str, Any]:
     """Load the stage's best checkpoint, decode the test split with beam search, score it."""
     load_best(model, result.best_path)
     out: dict[str, Any] = {
@@ -110,7 +111,7 @@ def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result
     split = data.splits["test"]
     device = pick_device(cfg.trainer.device)
     start = time.perf_counter()
-    hyps = translate_split(model, data, split, cfg, device, cfg.eval.beam, enc_pad_id)
+    hyps = translate_split(model, data, split, cfg, device, cfg.eval.beam, enc_pad_id, features=features)
     decode_s = time.perf_counter() - start
     hyp_path = run_dir / f"test.{result.stage}.hyp"
     hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
@@ -137,9 +138,16 @@ def train_stage(cfg: Config, data: PreparedData, run_dir: Path, stage: str, meta
     if warm:
         warm_start(model, warm, data.vocab.sha256)
     policy = FreezePolicy(cfg.freeze)
-    trainer = Trainer(cfg, model, data, policy, run_dir, stage, meta, enc_pad_id)
+    features = None
+    if model.bert is not None and enc_pad_id is not None:
+        policy.apply(model, epoch=1, step=0)
+        device = pick_device(cfg.trainer.device)
+        model.bert.to(device)
+        features = feature_cache(model.bert, data, meta["encoder"]["weights_sha256"], enc_pad_id, device,
+                                 cfg.bert.cache_budget_gb, cfg.bert.cache_features, policy.encoder_untrained(model))
+    trainer = Trainer(cfg, model, data, policy, run_dir, stage, meta, enc_pad_id, features=features)
     result = trainer.fit()
-    return finish_stage(cfg, model, data, result, run_dir, enc_pad_id)
+    return finish_stage(cfg, model, data, result, run_dir, enc_pad_id, trainer.features.get("test"))
 
 
 def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:

@@ -24,6 +24,7 @@ from torch import nn
 from bertnmt.checkpoint import load_checkpoint, load_model_weights, model_weights, save_checkpoint
 from bertnmt.config import Config
 from bertnmt.data.collate import Batch, make_loader
+from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import PreparedData, Split
 from bertnmt.freeze import FreezePolicy
 from bertnmt.metrics import corpus_scores
@@ -100,12 +101,16 @@ def head(split: Split, n: int) -> Split:
 
 
 def translate_split(model: nn.Module, data: PreparedData, split: Split, cfg: Config, device: torch.device,
-                    beam: int, enc_pad_id: int | None, limit: int = 0) -> list[str]:
-    """Decode a split (greedy when beam == 1) and return detokenised hypotheses in corpus order."""
+                    beam: int, enc_pad_id: int | None, limit: int = 0,
+                    features: FeatureStore | None = None) -> list[str]:
+    """Decode a split (greedy when beam == 1) and return detokenised hypotheses in corpus order.
+
+    ``features``: the split's cached H_B (only valid while the encoder has never trained)."""
     model.eval()
     sub = head(split, limit) if limit else split
     n = len(sub.src_ids)
-    loader = make_loader(sub, max_tokens=cfg.data.max_tokens, seed=0, shuffle=False, enc_pad_id=enc_pad_id)
+    loader = make_loader(sub, max_tokens=cfg.data.max_tokens, seed=0, shuffle=False, enc_pad_id=enc_pad_id,
+                         features=features)
     hyps: list[str] = [""] * n
     ev = cfg.eval
     with torch.inference_mode(), autocast(device):
@@ -115,10 +120,15 @@ def translate_split(model: nn.Module, data: PreparedData, split: Split, cfg: Con
                 sl = slice(i, i + ev.batch_sents)
                 enc_ids = batch.enc_ids[sl] if batch.enc_ids is not None else None
                 enc_mask = batch.enc_mask[sl] if batch.enc_mask is not None else None
+                feats = None
+                if batch.bert_feats is not None:
+                    feats = (batch.bert_feats[sl].float(), enc_mask.eq(0))  # cached (H_B, pad mask)
                 if beam == 1:
-                    outs = greedy_search(model, batch.src[sl], enc_ids, enc_mask, ev.max_len_a, ev.max_len_b)
+                    outs = greedy_search(model, batch.src[sl], enc_ids, enc_mask, ev.max_len_a, ev.max_len_b,
+                                         bert_out=feats)
                 else:
-                    nbest = beam_search(model, batch.src[sl], enc_ids, enc_mask, beam, ev.lenpen, ev.max_len_a, ev.max_len_b)
+                    nbest = beam_search(model, batch.src[sl], enc_ids, enc_mask, beam, ev.lenpen, ev.max_len_a,
+                                        ev.max_len_b, bert_out=feats)
                     outs = [h[0][0] for h in nbest]
                 for idx, ids in zip(batch.indices[sl].tolist(), outs):
                     hyps[idx] = data.vocab.decode(ids)
@@ -149,7 +159,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: nn.Module, data: PreparedData, policy: FreezePolicy,
                  run_dir: Path, stage: str, meta: dict[str, Any], enc_pad_id: int | None = None,
-                 resume: str | Path | None = None) -> None:
+                 resume: str | Path | None = None, features: dict[str, FeatureStore] | None = None) -> None:
         self.cfg, self.model, self.data, self.policy = cfg, model, data, policy
         self.run_dir, self.stage, self.meta = Path(run_dir), stage, meta
         self.device = pick_device(cfg.trainer.device)
@@ -160,9 +170,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(o.warmup_steps))
         self.enc_pad_id = enc_pad = enc_pad_id if model_uses_bert(model) else None
+        feats = features if enc_pad is not None and features else {}
         self.train_loader = make_loader(data.splits["train"], cfg.data.max_tokens, cfg.trainer.seed, True, enc_pad,
-                                        pin_memory=self.device.type == "cuda")
-        self.valid_loader = make_loader(data.splits["valid"], cfg.data.max_tokens, 0, False, enc_pad)
+                                        pin_memory=self.device.type == "cuda", features=feats.get("train"))
+        self.valid_loader = make_loader(data.splits["valid"], cfg.data.max_tokens, 0, False, enc_pad,
+                                        features=feats.get("valid"))
+        self.features: dict[str, FeatureStore] = dict(feats)  # cleared for good once the encoder trains
         self.step = 0
         self.start_epoch = 1
         self.best = -math.inf
@@ -175,6 +188,7 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tb" / stage))
         if resume is not None:
             self.resume(resume)
+        self._check_features()
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint of this stage: weights, optimizer, schedule, epoch, step, freeze position, RNG."""
@@ -188,9 +202,20 @@ class Trainer:
         set_rng_state(ckpt.get("rng", {}))
         log.info("[%s] resumed from %s at epoch %d, step %d", self.stage, path, self.start_epoch, self.step)
 
+    def _check_features(self) -> None:
+        """Stop serving cached H_B, for the rest of the run, once the policy lets any part of the encoder train."""
+        if self.features and not self.policy.encoder_untrained(self.model):
+            self.features = {}
+            for loader in (self.train_loader, self.valid_loader):
+                loader.dataset.features = None
+            log.info("[%s] feature cache off from epoch %d step %d: the pretrained encoder trains; H_B is computed live",
+                     self.stage, self.policy.epoch, self.step)
+
     def _sync_policy(self, epoch: int, at_epoch_start: bool = False) -> None:
         """Apply the freeze policy at (epoch, step); log per-group counts at each epoch start and each switch."""
         switched = self.policy.apply(self.model, epoch=epoch, step=self.step)
+        if switched:
+            self._check_features()
         if switched or at_epoch_start:
             rep = self.policy.report(self.model)
             groups = " ".join(f"{g} {c['trainable']:,}/{c['total']:,}" for g, c in rep["params_by_group"].items())
@@ -200,8 +225,11 @@ class Trainer:
 
     # -- one epoch ---------------------------------------------------------------------------
     def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        bert_out = None
+        if batch.bert_feats is not None and self.features:  # cached H_B, never once the encoder trains
+            bert_out = (batch.bert_feats.float(), batch.enc_mask.eq(0))  # (B, E, Hb), (B, E)
         with autocast(self.device):
-            logits = self.model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask)  # (B, T, V)
+            logits = self.model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out)  # (B, T, V)
         return smoothed_loss(logits, batch.tgt_out, self.data.vocab.pad_id, self.cfg.optim.label_smoothing)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -210,7 +238,8 @@ class Trainer:
         self._sync_policy(epoch, at_epoch_start=True)  # after train(): fully frozen modules go back to eval
         per_step = self.policy.unit == "step"
         self.train_loader.batch_sampler.set_epoch(epoch)
-        tot_loss = tot_tokens = 0.0
+        tot_loss = torch.zeros((), device=self.device)  # summed on the device: no host sync per step
+        tot_tokens = 0
         accum: list[Batch] = []
         start = time.perf_counter()
         bar = None
@@ -228,7 +257,7 @@ class Trainer:
             for b in accum:
                 loss, _ = self._forward_loss(b)
                 (loss / ntok).backward()
-                tot_loss += loss.item()
+                tot_loss += loss.detach()
             tot_tokens += ntok
             if self.cfg.optim.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_norm)
@@ -241,16 +270,19 @@ class Trainer:
             accum = []
             if bar is not None:
                 bar.update(t.accum_steps)
-                bar.set_postfix(loss=f"{tot_loss / max(1, tot_tokens):.3f}")
-            if self.writer is not None and self.step % t.log_every == 0:
-                self.writer.add_scalar("train/loss", tot_loss / max(1, tot_tokens), self.step)
-                self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+            if self.step % t.log_every == 0:  # the only host syncs of the loop
+                avg = tot_loss.item() / max(1, tot_tokens)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{avg:.3f}")
+                if self.writer is not None:
+                    self.writer.add_scalar("train/loss", avg, self.step)
+                    self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
             if t.max_steps and self.step >= t.max_steps:
                 break
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
-        return {"train_loss": tot_loss / max(1, tot_tokens), "epoch_time_s": elapsed,
+        return {"train_loss": tot_loss.item() / max(1, tot_tokens), "epoch_time_s": elapsed,
                 "train_tokens": int(tot_tokens), "tokens_per_s": tot_tokens / max(elapsed, 1e-9)}
 
     @torch.no_grad()
@@ -267,7 +299,8 @@ class Trainer:
         if self.cfg.trainer.valid_bleu:
             split = self.data.splits["valid"]
             limit = self.cfg.trainer.valid_max_sents
-            hyps = translate_split(self.model, self.data, split, self.cfg, self.device, 1, self.enc_pad_id, limit)
+            hyps = translate_split(self.model, self.data, split, self.cfg, self.device, 1, self.enc_pad_id, limit,
+                                   features=self.features.get("valid"))
             score = corpus_scores(hyps, split.tgt_text[: len(hyps)], self.cfg.data.tgt_lang)
             out["valid_bleu"] = score.bleu
         return out

@@ -318,7 +318,7 @@ def toy_split(with_enc: bool) -> Split:
 
 def test_collate_shapes_padding_and_shift():
     split = toy_split(with_enc=True)
-    samples = [(i, split.src_ids[i], split.tgt_ids[i], split.enc_ids[i]) for i in (0, 1, 2)]
+    samples = [(i, split.src_ids[i], split.tgt_ids[i], split.enc_ids[i], None) for i in (0, 1, 2)]
     b = collate(samples, enc_pad_id=0)
     assert b.src.tolist() == [[5, 6, 7, 3], [8, 3, 0, 0], [9, 10, 3, 0]]
     assert b.tgt_in.tolist() == [[2, 9, 10, 0], [2, 8, 0, 0], [2, 5, 6, 7]]
@@ -329,8 +329,8 @@ def test_collate_shapes_padding_and_shift():
     assert all(t.dtype == torch.long for t in (b.src, b.tgt_in, b.tgt_out, b.enc_ids, b.enc_mask, b.indices))
     moved = b.to("cpu", non_blocking=True)
     assert isinstance(moved, Batch) and moved.ntokens == b.ntokens
-    plain = collate([(i, *s[1:3], None) for i, s in enumerate(samples)])
-    assert plain.enc_ids is None and plain.enc_mask is None
+    plain = collate([(i, *s[1:3], None, None) for i, s in enumerate(samples)])
+    assert plain.enc_ids is None and plain.enc_mask is None and plain.bert_feats is None and b.bert_feats is None
 
 
 def test_make_loader_covers_split_and_exposes_sampler(m30k, minilm):

@@ -11,25 +11,35 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from bertnmt.data.batching import TokenBatchSampler
+from bertnmt.data.features import FeatureStore, pad_features
 from bertnmt.data.prepare import Split
 from bertnmt.data.tokenize import SubwordVocab
 
-Sample = tuple[int, np.ndarray, np.ndarray, np.ndarray | None]  # (index, src ids, tgt ids, enc ids)
+# (index, src ids, tgt ids, enc ids or None, cached H_B (E, Hb) or None)
+Sample = tuple[int, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 
 class PairDataset(Dataset):
-    """Items of one split: ``(index, src_ids, tgt_ids, enc_ids or None)``."""
+    """Items of one split: ``(index, src_ids, tgt_ids, enc_ids or None, features or None)``.
 
-    def __init__(self, split: Split, with_encoder: bool = True):
+    ``features`` (the frozen encoder's cached H_B, see :mod:`bertnmt.data.features`) can be switched
+    off at any time by setting the attribute to None: the trainer does so when the encoder starts to train.
+    """
+
+    def __init__(self, split: Split, with_encoder: bool = True, features: FeatureStore | None = None):
         self.split = split
         self.with_encoder = with_encoder and split.enc_ids is not None
+        self.features = features if self.with_encoder else None
+        if self.features is not None and len(self.features) != len(split.src_ids):
+            raise ValueError(f"{len(self.features)} cached feature rows for {len(split.src_ids)} sentences")
 
     def __len__(self) -> int:
         return len(self.split.src_ids)
 
     def __getitem__(self, i: int) -> Sample:
         enc = self.split.enc_ids[i] if self.with_encoder else None
-        return i, self.split.src_ids[i], self.split.tgt_ids[i], enc
+        feats = self.features.get(i) if self.features is not None else None
+        return i, self.split.src_ids[i], self.split.tgt_ids[i], enc, feats
 
 
 @dataclass
@@ -39,6 +49,7 @@ class Batch:
     tgt_out: Tensor  # (B, T) long, ids + eos, right-padded
     enc_ids: Tensor | None  # (B, E) long, encoder ids, right-padded with the encoder's pad id
     enc_mask: Tensor | None  # (B, E) long, 1 = real token (HF attention_mask convention)
+    bert_feats: Tensor | None  # (B, E, Hb) fp16 cached H_B, zero at padding; None = compute it live
     indices: Tensor  # (B,) positions of these sentences in the split
     ntokens: int  # non-pad target tokens (tgt_out != pad)
 
@@ -53,6 +64,7 @@ class Batch:
             tgt_out=fn(self.tgt_out),
             enc_ids=opt(self.enc_ids),
             enc_mask=opt(self.enc_mask),
+            bert_feats=opt(self.bert_feats),
             indices=fn(self.indices),
             ntokens=self.ntokens,
         )
@@ -88,7 +100,7 @@ def collate(
     eos_id: int = SubwordVocab.eos_id,
 ) -> Batch:
     """Pad a list of samples into a :class:`Batch` (encoder fields None without encoder ids)."""
-    indices, src, tgt, enc = zip(*samples)
+    indices, src, tgt, enc, feats = zip(*samples)
     tgt_out = _pad(list(tgt), pad_id, suffix=eos_id)  # (B, T)
     enc_ids = enc_mask = None
     if enc[0] is not None:
@@ -97,12 +109,14 @@ def collate(
         enc_ids = _pad(list(enc), enc_pad_id)  # (B, E)
         lengths = torch.tensor([len(e) for e in enc])  # (B,)
         enc_mask = (torch.arange(enc_ids.size(1))[None, :] < lengths[:, None]).long()  # (B, E)
+    bert_feats = pad_features(list(feats)) if enc_ids is not None and feats[0] is not None else None  # (B, E, Hb)
     return Batch(
         src=_pad(list(src), pad_id, suffix=eos_id),  # (B, S)
         tgt_in=_pad(list(tgt), pad_id, prefix=bos_id),  # (B, T)
         tgt_out=tgt_out,
         enc_ids=enc_ids,
         enc_mask=enc_mask,
+        bert_feats=bert_feats,
         indices=torch.tensor(indices, dtype=torch.long),  # (B,)
         ntokens=int((tgt_out != pad_id).sum()),
     )
@@ -115,11 +129,14 @@ def make_loader(
     shuffle: bool,
     enc_pad_id: int | None,
     pin_memory: bool = False,
+    features: FeatureStore | None = None,
 ) -> DataLoader:
     """DataLoader of :class:`Batch` with a :class:`TokenBatchSampler` as ``loader.batch_sampler``.
 
     The encoder view is used when the split has ``enc_ids`` and ``enc_pad_id`` is given;
     ``enc_pad_id=None`` leaves it out (enc fields None, budget from source/target only).
+    ``features``: the split's cached H_B, served as ``Batch.bert_feats`` (``loader.dataset.features = None``
+    switches it off).
     """
     with_encoder = split.enc_ids is not None and enc_pad_id is not None
     sampler = TokenBatchSampler(
@@ -131,7 +148,7 @@ def make_loader(
         shuffle=shuffle,
     )
     return DataLoader(
-        PairDataset(split, with_encoder=with_encoder),
+        PairDataset(split, with_encoder=with_encoder, features=features),
         batch_sampler=sampler,
         collate_fn=partial(collate, enc_pad_id=enc_pad_id),
         num_workers=0,
