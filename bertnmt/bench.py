@@ -1,0 +1,417 @@
+"""Side-by-side speed and memory figures (``scripts/bench.py``; issue 4, docs/benchmarks.md).
+
+One run measures, on the same data, dimensions and batches:
+
+1. training step time (and the epoch time it implies) of the plain Transformer, the fused model with
+   the frozen encoder cached / run live, and with the encoder fine-tuned, against the compute floor
+   counted from the dimensions (:mod:`bertnmt.flops`);
+2. peak memory of each (CUDA max allocated, or peak RSS on the CPU);
+3. beam-search decoding, sentences/s, plain against fused;
+4. our plain Transformer against Hugging Face's ``MarianMTModel`` of identical dimensions
+   (training on the same batches; ``generate`` with the same beam and output length);
+5. on CUDA: tokens/s, model FLOPs utilisation against the device's bf16 peak, and peak memory.
+
+Every variant runs in its own process (``python -m bertnmt.bench --worker ...``), so each peak
+memory figure is that variant's alone; the variants run one after another in one invocation.
+Models are randomly initialised (speed does not depend on the weights); decoding is forced to a
+fixed output length so that every decoder does the same number of steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_VARIANTS = ["plain", "fused_cached", "fused_live", "fused_finetune", "marian"]
+DECODE_VARIANTS = ["decode_plain", "decode_fused", "decode_marian"]
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "V100": 125e12}
+
+
+@dataclass
+class BenchSpec:
+    model: str = "small"  # a conf/model option, or "big" (d 1024, FFN 4096, 16 heads, 6+6)
+    bert: str = "minilm"  # a conf/bert option
+    random_bert: bool = False  # a random encoder of the same config (GPU machines without the weights)
+    data: str = "multi30k_en_de"
+    sentences: int = 3000  # training pairs prepared for the benchmark (data.train_limit)
+    max_tokens: int = 2048
+    steps: int = 12  # timed optimizer updates per training variant
+    warmup: int = 3  # untimed updates first
+    decode_sents: int = 96
+    decode_len: int = 16  # every hypothesis is forced to this many tokens (+ eos)
+    beam: int = 5
+    device: str = "cpu"
+    bf16: bool = False  # autocast to bf16 (always on with CUDA)
+    compile: bool = False  # torch.compile the NMT model (training variants)
+    threads: int = 0  # torch.set_num_threads; 0 = torch's default
+
+
+def compose_cfg(spec: BenchSpec):
+    """The training Config of the benchmark (Hydra compose of conf/, then typed)."""
+    from hydra import compose, initialize_config_dir
+
+    from bertnmt.config import register_configs, to_config
+
+    register_configs()
+    model = "iwslt" if spec.model == "big" else spec.model
+    overrides = [f"model={model}", f"bert={spec.bert}", f"data={spec.data}", f"data.train_limit={spec.sentences}",
+                 f"data.max_tokens={spec.max_tokens}", "trainer.progress=false", "trainer.tensorboard=false",
+                 f"trainer.device={spec.device}"]
+    if spec.model == "big":
+        overrides += ["model.d_model=1024", "model.ffn_dim=4096", "model.heads=16", "model.name=big"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=overrides))
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(spec: BenchSpec, device: torch.device):
+    if device.type == "cuda" or spec.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _setup(spec: BenchSpec, variant: str):
+    """Data (with encoder ids), the fused or plain model, its policy and cached features, the device."""
+    from bertnmt.data.features import feature_cache
+    from bertnmt.data.prepare import add_encoder_view, prepare_data
+    from bertnmt.data.tokenize import EncoderTokenizer
+    from bertnmt.freeze import FreezePolicy
+    from bertnmt.model.nmt import BertFusedTransformer
+    from bertnmt.model.pretrained import PretrainedEncoder
+    from bertnmt.pipeline import weights_sha256
+
+    cfg = compose_cfg(spec)
+    device = torch.device(spec.device)
+    data = prepare_data(cfg.data)
+    tok = EncoderTokenizer(cfg.bert.path, cfg.bert.max_length, cfg.bert.trust_remote_code)
+    add_encoder_view(data, tok)
+    fused = variant.startswith("fused") or variant == "decode_fused"
+    torch.manual_seed(0)
+    bert = None
+    if fused:
+        bert = PretrainedEncoder(cfg.bert)
+        if spec.random_bert:
+            bert.model = type(bert.model)(bert.model.config)  # same architecture, random weights
+    model = BertFusedTransformer(replace(cfg.model, fused=fused), len(data.vocab), data.vocab.pad_id, bert)
+    policy = FreezePolicy(replace(cfg.freeze, policy="finetune" if variant == "fused_finetune" else "frozen"))
+    policy.apply(model, epoch=1, step=0)
+    model.to(device)
+    features = None
+    if variant == "fused_cached":
+        features = feature_cache(model.bert, data, weights_sha256(model.bert), tok.pad_id, device,
+                                 cfg.bert.cache_budget_gb, "auto", policy.encoder_untrained(model))
+        if features is None:
+            raise RuntimeError("the feature cache did not fit its budget")
+    return cfg, data, tok, model, policy, features, device
+
+
+def _train_batches(spec: BenchSpec, data, tok, features) -> list:
+    """The first ``warmup + steps`` training batches, identical for every variant: the token budget
+    always counts the encoder ids; models without an encoder ignore those fields."""
+    loader = _epoch_loader(spec, data, tok, features)
+    loader.batch_sampler.set_epoch(1)
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) == spec.warmup + spec.steps:
+            break
+    return out
+
+
+def train_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
+    """Time ``spec.steps`` optimizer updates of one training variant; FLOPs and peak memory with it."""
+    from bertnmt.training import forward_loss, smoothed_loss
+
+    cfg, data, tok, model, policy, features, device = _setup(spec, "plain" if variant == "marian" else variant)
+    if variant == "marian":
+        model = marian_like(cfg.model, len(data.vocab), data.vocab.pad_id).to(device)
+    batches = [b.to(device) for b in _train_batches(spec, data, tok, features)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=1e-4)
+    step_model = torch.compile(model) if spec.compile else model
+    model.train()
+    policy.apply(model)  # re-lock the frozen encoder's eval mode after train()
+    pad = data.vocab.pad_id
+
+    def step(b) -> None:
+        if variant == "marian":  # the usual Hugging Face training step, same loss
+            with _autocast(spec, device):
+                logits = step_model(input_ids=b.src, attention_mask=b.src.ne(pad), decoder_input_ids=b.tgt_in,
+                                    decoder_attention_mask=b.tgt_in.ne(pad)).logits  # (B, T, V)
+            loss, _ = smoothed_loss(logits, b.tgt_out, pad, 0.1)
+        else:  # exactly the Trainer's forward
+            with _autocast(spec, device):
+                loss, _ = forward_loss(step_model, b, pad, 0.1, device)
+        (loss / b.ntokens).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for b in batches[: spec.warmup]:
+        step(b)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = batches[spec.warmup :]
+    start = time.perf_counter()
+    for b in timed:
+        step(b)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    ntok = sum(b.ntokens for b in timed)
+    shapes = [(b.src.size(0), b.src.size(1), b.tgt_in.size(1), b.enc_ids.size(1) if b.enc_ids is not None else 0)
+              for b in timed]
+    epoch_batches = len(_epoch_loader(spec, data, tok))
+    return {"variant": variant, "step_s": elapsed / len(timed), "tokens_per_s": ntok / elapsed,
+            "epoch_batches": epoch_batches, "epoch_s_est": elapsed / len(timed) * epoch_batches,
+            "peak_mb": _peak_mb(device), "shapes": shapes, "encoder_weights_mb": _encoder_mb(model),
+            "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters())}
+
+
+def _epoch_loader(spec: BenchSpec, data, tok, features=None):
+    from bertnmt.data.collate import make_loader
+
+    return make_loader(data.splits["train"], spec.max_tokens, seed=1, shuffle=True, enc_pad_id=tok.pad_id,
+                       features=(features or {}).get("train"))
+
+
+def _encoder_mb(model: torch.nn.Module) -> float:
+    bert = getattr(model, "bert", None)
+    return 0.0 if bert is None else sum(p.numel() * p.element_size() for p in bert.parameters()) / 2**20
+
+
+def marian_like(cfg, vocab: int, pad_id: int):
+    """Hugging Face's MarianMTModel with our dimensions: post-LN, ReLU, sinusoids, shared embeddings."""
+    from transformers import MarianConfig, MarianMTModel
+
+    mc = MarianConfig(
+        vocab_size=vocab, decoder_vocab_size=vocab, d_model=cfg.d_model, encoder_layers=cfg.enc_layers,
+        decoder_layers=cfg.dec_layers, encoder_attention_heads=cfg.heads, decoder_attention_heads=cfg.heads,
+        encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, attention_dropout=0.0,
+        activation_dropout=0.0, activation_function="relu", max_position_embeddings=1024, scale_embedding=True,
+        pad_token_id=pad_id, eos_token_id=3, decoder_start_token_id=2, bos_token_id=2, forced_eos_token_id=None,
+        share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return MarianMTModel(mc)
+
+
+def decode_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
+    """Beam search over the first ``decode_sents`` test sentences, every hypothesis forced to ``decode_len``."""
+    from bertnmt.data.collate import make_loader
+    from bertnmt.search import beam_search
+    from bertnmt.training import head
+
+    base = "plain" if variant == "decode_marian" else variant
+    cfg, data, tok, model, policy, features, device = _setup(spec, base)
+    fused = variant == "decode_fused"
+    if variant == "decode_marian":
+        model = marian_like(cfg.model, len(data.vocab), data.vocab.pad_id).to(device)
+    model.eval()
+    split = head(data.splits["test"], spec.decode_sents)
+    loader = make_loader(split, spec.max_tokens, seed=0, shuffle=False, enc_pad_id=tok.pad_id)  # same batches for all
+    batches = [b.to(device) for b in loader]
+    L, pad = spec.decode_len, data.vocab.pad_id
+
+    def run(batches: list) -> int:
+        n_tok = 0
+        for b in batches:
+            with torch.inference_mode(), _autocast(spec, device):
+                if variant == "decode_marian":
+                    out = model.generate(input_ids=b.src, attention_mask=b.src.ne(pad), num_beams=spec.beam,
+                                         min_new_tokens=L + 1, max_new_tokens=L + 1, do_sample=False,
+                                         length_penalty=1.0, early_stopping=False)
+                    n_tok += (out.size(1) - 1) * out.size(0)
+                else:
+                    enc_ids, enc_mask = (b.enc_ids, b.enc_mask) if fused else (None, None)  # fused: BERT runs live
+                    hyps = beam_search(model, b.src, enc_ids, enc_mask, spec.beam, 1.0, 0.0, L, min_len=L)
+                    n_tok += sum(len(h[0][0]) + 1 for h in hyps)
+        return n_tok
+
+    run(batches[:1])  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    n_tok = run(batches)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    n = sum(b.src.size(0) for b in batches)
+    return {"variant": variant, "sents_per_s": n / elapsed, "decode_s": elapsed, "sentences": n,
+            "tokens_out": n_tok, "peak_mb": _peak_mb(device)}
+
+
+def worker(spec: BenchSpec, variant: str) -> dict[str, Any]:
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if variant in DECODE_VARIANTS:
+        return decode_variant(spec, variant)
+    return train_variant(spec, variant)
+
+
+def run_all(spec: BenchSpec, variants: list[str], log=print) -> dict[str, dict[str, Any]]:
+    """Each variant in a fresh process, one after another; returns their results by name."""
+    results = {}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for v in variants:
+        cmd = [sys.executable, "-m", "bertnmt.bench", "--worker", v, "--spec", json.dumps(asdict(spec))]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            log(f"  {v}: failed ({tail})")
+            continue
+        results[v] = json.loads(lines[-1])
+        log(f"  {v}: done in {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+# -- the report -----------------------------------------------------------------------------------
+def report(spec: BenchSpec, res: dict[str, dict[str, Any]], device_name: str) -> str:
+    """The figures as markdown tables, with the ratios and the goals of issue 4."""
+    from bertnmt.flops import EncoderDims, training_flops
+
+    cfg = compose_cfg(spec)
+    out = [f"bench: model={spec.model} (d {cfg.model.d_model}, FFN {cfg.model.ffn_dim}, {cfg.model.heads} heads, "
+           f"{cfg.model.enc_layers}+{cfg.model.dec_layers} layers), encoder {spec.bert}"
+           f"{' (random weights)' if spec.random_bert else ''}, data {spec.data} ({spec.sentences} pairs), "
+           f"max_tokens {spec.max_tokens}, {spec.steps} timed updates after {spec.warmup}; device {device_name}"
+           f"{', bf16 autocast' if spec.bf16 or spec.device.startswith('cuda') else ', fp32'}"
+           f"{', torch.compile' if spec.compile else ''}", ""]
+    plain = res.get("plain")
+    floors: dict[str, float] = {}
+    flops = None
+    if plain:
+        from transformers import AutoConfig
+
+        from bertnmt.data.tokenize import resolve_model_path
+
+        dims = EncoderDims.from_hf(AutoConfig.from_pretrained(resolve_model_path(cfg.bert.path)))
+        vocab = cfg.data.vocab_size
+        flops = training_flops(cfg.model, vocab, [tuple(s) for s in plain["shapes"]], dims)
+        floors = flops.floors()
+    out += ["| training variant | step ms | target tok/s | epoch s (est.) | time / plain | FLOPs floor | "
+            "time / floor | peak MB | trainable / total |", "|---|---|---|---|---|---|---|---|---|"]
+    for v in TRAIN_VARIANTS:
+        r = res.get(v)
+        if not r:
+            continue
+        ratio = r["step_s"] / plain["step_s"] if plain else float("nan")
+        floor = floors.get(v, 1.0)
+        out.append(f"| {v} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['epoch_s_est']:.0f} | "
+                   f"{ratio:.2f} | {floor:.2f} | {ratio / floor:.2f} | {r['peak_mb']:,.0f} | "
+                   f"{r['trainable']:,} / {r['total']:,} |")
+    if plain and flops is not None and spec.device.startswith("cuda"):
+        peak = next((v for k, v in BF16_PEAK.items() if k in device_name), None)
+        steps = len(plain["shapes"])
+        for v, f in (("plain", flops.plain), ("fused_cached", flops.fused_cached)):
+            if v in res and peak:
+                achieved = f / steps / res[v]["step_s"]
+                out.append(f"\n{v}: {achieved / 1e12:.1f} TFLOP/s = MFU {100 * achieved / peak:.1f}% of the "
+                           f"{peak / 1e12:.0f} TFLOP/s bf16 peak")
+    out.append("")
+    goals = []
+    if plain and "fused_cached" in res:
+        r = res["fused_cached"]["step_s"] / plain["step_s"] / floors["fused_cached"]
+        goals.append(f"fused + frozen + cached <= 1.1 x floor: {r:.2f} x -> {'met' if r <= 1.1 else 'MISSED'}")
+    for v in ("fused_cached", "fused_live"):
+        if plain and v in res:
+            limit = (plain["peak_mb"] + res[v]["encoder_weights_mb"]) * 1.1
+            goals.append(f"{v} peak memory <= (plain + encoder weights) x 1.1: {res[v]['peak_mb']:,.0f} MB vs "
+                         f"{limit:,.0f} MB -> {'met' if res[v]['peak_mb'] <= limit else 'MISSED'}")
+    if plain and "marian" in res:
+        r = res["marian"]["step_s"] / plain["step_s"]
+        goals.append(f"training, ours vs MarianMTModel >= 1.2 x: {r:.2f} x -> {'met' if r >= 1.2 else 'MISSED'}")
+    dec = {v: res[v] for v in DECODE_VARIANTS if v in res}
+    if dec:
+        out += [f"| decoding (beam {spec.beam}, {spec.decode_len} tokens + eos each) | sentences/s | time / plain |",
+                "|---|---|---|"]
+        base = dec.get("decode_plain")
+        for v, r in dec.items():
+            ratio = r["decode_s"] / base["decode_s"] if base else float("nan")
+            out.append(f"| {v} | {r['sents_per_s']:.1f} | {ratio:.2f} |")
+        out.append("")
+        if base and "decode_fused" in dec:
+            r = dec["decode_fused"]["decode_s"] / base["decode_s"]
+            goals.append(f"fused decoding <= 1.25 x plain: {r:.2f} x -> {'met' if r <= 1.25 else 'MISSED'}")
+        if base and "decode_marian" in dec:
+            r = dec["decode_marian"]["decode_s"] / base["decode_s"]
+            goals.append(f"decoding, ours vs MarianMTModel.generate >= 1.5 x: {r:.2f} x -> "
+                         f"{'met' if r >= 1.5 else 'MISSED'}")
+    return "\n".join(out + ["goals:"] + [f"- {g}" for g in goals])
+
+
+def device_name(spec: BenchSpec) -> str:
+    if spec.device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model or platform.processor()} x {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f, default in asdict(BenchSpec()).items():
+        flag = "--" + f.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+    p.add_argument("--variants", default=",".join(TRAIN_VARIANTS + DECODE_VARIANTS), help="comma-separated")
+    p.add_argument("--out", default=None, help="also write the raw figures as JSON here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        spec = BenchSpec(**json.loads(args.spec))
+        print(json.dumps(worker(spec, args.worker)))
+        return 0
+    spec = BenchSpec(**{f: getattr(args, f) for f in asdict(BenchSpec())})
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in TRAIN_VARIANTS + DECODE_VARIANTS]
+    if unknown:
+        print(f"error: unknown variant(s) {unknown}; choose from {TRAIN_VARIANTS + DECODE_VARIANTS}", file=sys.stderr)
+        return 2
+    print(f"bench: {len(variants)} variants, each in its own process", flush=True)
+    compose_cfg(spec)  # a bad option fails here, once
+    print("preparing the data and the feature cache (shared by the workers)", flush=True)
+    _setup(spec, "fused_cached" if "fused_cached" in variants else "plain")
+    res = run_all(spec, variants, log=lambda m: print(m, flush=True))
+    text = report(spec, res, device_name(spec))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"spec": asdict(spec), "device": device_name(spec), "results": res,
+                                              "report": text}, indent=1))
+    return 0 if len(res) == len(variants) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
