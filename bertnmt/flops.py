@@ -76,3 +76,24 @@ def training_flops(cfg: ModelConfig, vocab: int, shapes: list[tuple[int, int, in
         fused += 3 * nmt_forward_flops(cfg, vocab, B, S, T, E, dims.hidden, fused=True)
         bert += encoder_forward_flops(dims, B, E)
     return StepFlops(plain, fused, fused + bert, fused + 3 * bert)
+
+
+def beam_decode_flops(cfg: ModelConfig, vocab: int, B: int, S: int, E: int, beam: int, steps: int,
+                      bert_dim: int = 0, fused: bool = False) -> int:
+    """FLOPs of batched incremental beam search: the encoder once, the static keys/values once per
+    sentence (shared by its beams), then ``steps`` decoder steps on B * beam rows (paper section 4 for
+    the BERT attention; the pretrained encoder's own forward is :func:`encoder_forward_flops`)."""
+    C, F = cfg.d_model, cfg.ffn_dim
+    N = B * beam
+    dec_bert = fused and cfg.fuse_decoder and E > 0
+    # with T = 0: the encoder, plus every decoder layer's static keys/values (encoder and BERT memories)
+    total = nmt_forward_flops(cfg, vocab, B, S, 0, E, bert_dim, fused=fused)
+    for t in range(1, steps + 1):
+        layer = 2 * N * C * 3 * C + 2 * N * C * C + 2 * N * t * C * 2  # self-attention: q, k, v, out; scores
+        layer += 2 * N * C * C * 2 + 2 * N * S * C * 2  # encoder-decoder attention: q, out; scores
+        if dec_bert:
+            layer += 2 * N * C * C * 2 + 2 * N * E * C * 2  # BERT attention: q, out; scores
+        layer += 2 * N * C * F * 2  # FFN
+        total += cfg.dec_layers * layer + 2 * N * C * vocab  # + output projection
+    return total
+

@@ -59,7 +59,7 @@ def weights_sha256(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy()))  # no copy of the bytes
     return h.hexdigest()
 
 

@@ -51,3 +51,22 @@ def test_training_flops_floors_are_ordered() -> None:
     floors = step.floors()
     assert 1.0 < floors["fused_cached"] < floors["fused_live"] < floors["fused_finetune"]
     assert step.fused_finetune - step.fused_cached == 3 * (step.fused_live - step.fused_cached)
+
+
+def test_beam_decode_flops_match_torch(tmp_path: Path) -> None:
+    from bertnmt.flops import beam_decode_flops
+    from bertnmt.search import beam_search
+
+    bert = PretrainedEncoder(BertConfig(path=make_tiny_bert(tmp_path)))
+    B, S, E, K, L = 2, 7, 9, 3, 4
+    src = torch.randint(4, 50, (B, S))
+    enc = torch.randint(1000, 2000, (B, E))
+    mask = torch.ones_like(enc)
+    h_b = (bert(enc, mask).detach(), mask.eq(0))
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = BertFusedTransformer(replace(CFG, fused=fused), 50, 0, bert if fused else None).eval()
+        got = counted(lambda: beam_search(model, src, beam=K, max_len_a=0.0, max_len_b=L, min_len=L,
+                                          bert_out=h_b if fused else None))
+        # L tokens then the forced eos: L + 1 decoder steps
+        assert got == beam_decode_flops(CFG, 50, B, S, E, K, L + 1, 32, fused=fused)

@@ -165,9 +165,11 @@ class Decoder(nn.Module):
         self, enc_out: Tensor, src_pad: Tensor, bert_out: Tensor | None, bert_pad: Tensor | None
     ) -> DecoderState:
         """Precompute the static K/V of every layer's cross and BERT attention, once per sentence."""
-        cross_kv = [layer.cross_attn.precompute_kv(enc_out) for layer in self.layers]
+        # contiguous once here, so that no decoding step copies them again (they are read at every step)
+        contig = lambda kv: (kv[0].contiguous(), kv[1].contiguous())  # noqa: E731  (Bs, H, S, Dh) each
+        cross_kv = [contig(layer.cross_attn.precompute_kv(enc_out)) for layer in self.layers]
         bert_kv = [
-            layer.bert_attn.precompute_kv(bert_out) if layer.bert_attn is not None else None
+            contig(layer.bert_attn.precompute_kv(bert_out)) if layer.bert_attn is not None else None
             for layer in self.layers
         ]
         if all(kv is None for kv in bert_kv):
