@@ -20,7 +20,7 @@ from bertnmt.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("fused", "baseline")
+STAGES = ("fused", "baseline")  # a run's final model: the fused stage's, else the baseline's
 
 
 def checkpoint_folder(path: str | Path) -> Path:

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bertnmt import __version__
+from bertnmt.averaging import checkpoint_folder
 from bertnmt.checkpoint import load_checkpoint, load_model_weights
 from bertnmt.config import Config, ModelConfig, to_config
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
@@ -45,7 +46,6 @@ EXPORT_FORMAT = "bertnmt-export"
 EXPORT_VERSION = 1
 WEIGHTS, CONFIG, VOCAB, INFO = "model.safetensors", "config.yaml", "spm.model", "export.json"
 REQUIRED = (INFO, CONFIG, WEIGHTS, VOCAB)
-STAGES = ("fused", "baseline")  # a run's final model: the fused stage's, else the baseline's
 
 
 @dataclass
@@ -68,12 +68,10 @@ def is_export(path: str | Path) -> bool:
 
 def find_checkpoint(run_dir: str | Path) -> Path:
     """The best checkpoint of a run's final stage (``checkpoints/fused``, else ``checkpoints/baseline``)."""
-    run_dir = Path(run_dir)
-    for stage in STAGES:
-        path = run_dir / "checkpoints" / stage / "checkpoint_best.pt"
-        if path.is_file():
-            return path
-    raise CheckpointError(f"{run_dir}: no checkpoints/{{fused,baseline}}/checkpoint_best.pt (not a run directory?)")
+    path = checkpoint_folder(run_dir) / "checkpoint_best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: no checkpoints/{{fused,baseline}}/checkpoint_best.pt (not a run directory?)")
+    return path
 
 
 def _sha256(path: Path) -> str:

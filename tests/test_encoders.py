@@ -134,5 +134,8 @@ def test_family_trains_through_the_pipeline(family: str, encoders: dict[str, str
     info = json.loads((export / "export.json").read_text())
     assert info["encoder"]["path"] == encoders[family] and info["encoder"]["weights_included"] is False
     tr = load_model(export)
-    sources = _read(Path(cfg.data.cache_dir).resolve().glob(f"tatoeba_en_ko-{cfg.data.src_lang}-*/test.src.txt").__next__())
+    sources = _read(next(Path(cfg.data.cache_dir).resolve().glob(f"tatoeba_en_ko-{cfg.data.src_lang}-*/test.src.txt")))
     assert tr.translate(sources, beam=2) == hyps
+    hangul = lambda text: any("\uac00" <= c <= "\ud7a3" for c in text)  # noqa: E731
+    if korean_src:  # Korean -> English, as KoBERT users translate (the joint vocabulary has both scripts)
+        assert all(hangul(s) for s in sources) and not any(hangul(r) for r in refs)
