@@ -28,10 +28,11 @@ from bertnmt.config import Config, FreezeConfig
 from bertnmt.data.features import FeatureStore, feature_cache
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
+from bertnmt.export import export_model
 from bertnmt.freeze import FreezePolicy, schedule_table
 from bertnmt.metrics import corpus_scores
 from bertnmt.model.nmt import BertFusedTransformer
-from bertnmt.model.pretrained import PretrainedEncoder
+from bertnmt.model.pretrained import PretrainedEncoder, check_tokenizer
 from bertnmt.training import StageResult, Trainer, append_jsonl, load_best, pick_device, translate_split
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,12 @@ def run(cfg: Config) -> dict[str, Any]:
         "git_sha": git_sha(), "command": " ".join(sys.argv), "torch": str(torch.__version__),
         "data_key": data.key, "vocab_sha256": data.vocab.sha256, "vocab_size": len(data.vocab),
         "data_report": data.report, "model": asdict(cfg.model),
+        # issue 7: checkpoints carry their config and vocabulary, so evaluate/translate/export need no run dir
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "vocab_path": str(data.vocab.path.resolve()),
     }
     if cfg.model.fused:
         tok = EncoderTokenizer(cfg.bert.path, cfg.bert.max_length, cfg.bert.trust_remote_code)
+        check_tokenizer(cfg.bert, len(tok), tok.pad_id)  # issue 7: a tokenizer of another encoder is a ConfigError
         add_encoder_view(data, tok)
         enc_pad_id = tok.pad_id
         meta["encoder"] = {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer}
@@ -216,6 +220,9 @@ def run(cfg: Config) -> dict[str, Any]:
     if base and fused and base.get("mean_epoch_time_s"):
         summary["epoch_time_ratio"] = round(fused["mean_epoch_time_s"] / base["mean_epoch_time_s"], 3)
     last = summary.get("fused") or summary.get("baseline") or {}
+    # -- issue 7: the final model as a folder that bertnmt.load_model() restores without Hydra
+    if last.get("checkpoint"):
+        summary["export"] = str(export_model(last["checkpoint"], run_dir / "export"))
     if "bleu_signature" in last:
         meta["sacrebleu_signature"] = last["bleu_signature"]
         write_json(run_dir / "meta.json", meta)

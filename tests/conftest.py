@@ -1,12 +1,13 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-# The read-only corpus mirror next to the repository (../shared/data).
-MIRROR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The read-only corpus mirror: $BERTNMT_MIRROR when set, else next to the repository (../shared/data).
+MIRROR_DIR = Path(os.environ.get("BERTNMT_MIRROR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @pytest.fixture

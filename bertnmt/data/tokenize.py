@@ -1,7 +1,8 @@
 """Tokenisers: the joint SentencePiece vocabulary of the NMT model and the pretrained encoder's own.
 
 ``SubwordVocab`` ids: pad 0, unk 1, bos 2, eos 3. ``EncoderTokenizer`` wraps ``AutoTokenizer`` and
-adds the encoder's own special tokens (e.g. ``[CLS] ... [SEP]`` for BERT).
+adds the encoder's own special tokens (e.g. ``[CLS] ... [SEP]`` for BERT); a BERT model shipped with an
+XLNet SentencePiece tokenizer (KoBERT) gets BERT's template through :mod:`bertnmt.data.spm_bert`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import sentencepiece as spm
 
+from bertnmt.data.spm_bert import bert_template_fix
 from bertnmt.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -197,6 +199,10 @@ class EncoderTokenizer:
             raise ConfigError(f"bert.max_length={max_length} must be at least 2")
         self.name = name_or_path
         self.hf = _load_auto_tokenizer(name_or_path, trust_remote_code)
+        # KoBERT-style: a BERT model shipped with an XLNet SentencePiece tokenizer (see spm_bert.py)
+        fixed = bert_template_fix(self.hf, resolve_model_path(name_or_path), name_or_path)
+        if fixed is not None:
+            self.hf = fixed
         model_max = getattr(self.hf, "model_max_length", None)
         sane = isinstance(model_max, int) and 2 <= model_max <= _MAX_SANE_LENGTH
         self.max_length = min(max_length, model_max) if sane else max_length

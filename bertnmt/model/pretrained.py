@@ -119,3 +119,27 @@ class PretrainedEncoder(nn.Module):
             if self.layer == -1:
                 return out.last_hidden_state  # (B, E, H)
             return out.hidden_states[self.layer]  # (B, E, H)
+
+
+def check_tokenizer(cfg: BertConfig, vocab_len: int, pad_id: int) -> None:
+    """The encoder tokenizer's ids must fit the encoder's embedding table (a clear error, not an IndexError).
+
+    ``vocab_len`` is the tokenizer's size (its largest id + 1) and ``pad_id`` the id it pads with.
+    """
+    from transformers import AutoConfig
+
+    from bertnmt.data.tokenize import resolve_model_path
+
+    path = resolve_model_path(cfg.path)
+    try:
+        with _quiet_hf():
+            conf = AutoConfig.from_pretrained(path, local_files_only=not Path(path).is_dir() and _hub_offline(),
+                                              trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return  # PretrainedEncoder reports an encoder it cannot load
+    size = getattr(conf, "vocab_size", None)
+    if isinstance(size, int) and max(vocab_len - 1, pad_id) >= size:
+        raise ConfigError(
+            f"bert.path={cfg.path!r}: its tokenizer has {vocab_len} tokens (pad id {pad_id}) but the encoder's "
+            f"embedding table has {size} rows; the tokenizer does not belong to this encoder"
+        )

@@ -1,0 +1,271 @@
+"""A trained model as a folder that ``bertnmt.load_model(path)`` restores for translation, no Hydra needed.
+
+Layout of an exported folder::
+
+    model.safetensors   the NMT weights (and the pretrained encoder's only when it was trained)
+    config.yaml         the resolved run config (its ``model`` section is the exported stage's)
+    spm.model           the joint SentencePiece vocabulary
+    export.json         format version, the encoder's name / path / layer and the sha256 of its
+                        weights, the vocabulary's sha256, the source checkpoint, epoch and step
+
+A frozen encoder is not copied: ``load_model`` loads it from its name or path (``bert_path=``
+points it elsewhere) and refuses an encoder whose weights differ from the ones trained with.
+
+``load_model`` also takes a checkpoint (``checkpoint_*.pt``, an averaged one) or a run directory.
+A checkpoint finds its config in ``meta["config"]`` (or the run's ``config.yaml``) and its
+vocabulary through ``meta["vocab_path"]``, the run's ``export/`` or the prepared-data cache,
+always checked against the sha256 that training recorded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bertnmt import __version__
+from bertnmt.averaging import checkpoint_folder
+from bertnmt.checkpoint import load_checkpoint, load_model_weights
+from bertnmt.config import Config, ModelConfig, to_config
+from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
+from bertnmt.errors import CheckpointError, DataError
+from bertnmt.model.pretrained import check_tokenizer
+from bertnmt.translator import Translator
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "bertnmt-export"
+EXPORT_VERSION = 1
+WEIGHTS, CONFIG, VOCAB, INFO = "model.safetensors", "config.yaml", "spm.model", "export.json"
+REQUIRED = (INFO, CONFIG, WEIGHTS, VOCAB)
+
+
+@dataclass
+class CheckpointContext:
+    """A checkpoint with what it needs to translate: its config and its SentencePiece model."""
+
+    path: Path
+    ckpt: dict[str, Any]
+    cfg: Config
+    vocab_path: Path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.ckpt.get("meta") or {}
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / INFO).is_file()
+
+
+def find_checkpoint(run_dir: str | Path) -> Path:
+    """The best checkpoint of a run's final stage (``checkpoints/fused``, else ``checkpoints/baseline``)."""
+    path = checkpoint_folder(run_dir) / "checkpoint_best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: no checkpoints/{{fused,baseline}}/checkpoint_best.pt (not a run directory?)")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    from bertnmt.data.corpora import file_sha256
+
+    return file_sha256(path)
+
+
+def _load_config(path: Path, meta: dict[str, Any], config: str | Path | None = None) -> Config:
+    """The run's config: ``config`` if given, else ``meta["config"]``, else ``config.yaml`` of the run;
+    ``model`` from ``meta["model"]``."""
+    raw: Any = meta.get("config")
+    origin = f"{path} (meta.config)"
+    if config is not None:
+        if not Path(config).is_file():
+            raise CheckpointError(f"config {config} does not exist")
+        raw, origin = OmegaConf.load(config), str(config)
+    elif not isinstance(raw, dict):
+        found = next((d / "config.yaml" for d in list(path.parents)[:3] if (d / "config.yaml").is_file()), None)
+        if found is None:
+            raise CheckpointError(f"checkpoint {path} carries no config and no config.yaml is beside it "
+                                  "(expected in its run directory); pass one with --config / config=")
+        raw, origin = OmegaConf.load(found), str(found)
+    try:
+        cfg = to_config(raw)
+        if isinstance(meta.get("model"), dict):  # the stage's own model (the baseline of a fused run is plain)
+            cfg.model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"]))
+    except OmegaConfBaseException as e:
+        raise CheckpointError(f"{origin}: config does not match this bertnmt ({str(e).splitlines()[0]})") from None
+    return cfg
+
+
+def _find_vocab(path: Path, cfg: Config, meta: dict[str, Any], vocab: str | Path | None) -> Path:
+    expected = meta.get("vocab_sha256")
+    if vocab is not None:
+        vocab = Path(vocab)
+        if not vocab.is_file():
+            raise DataError(f"{vocab}: SentencePiece model not found")
+        if expected and _sha256(vocab) != expected:
+            raise CheckpointError(f"{vocab} is not the vocabulary of checkpoint {path} "
+                                  f"(sha256 {_sha256(vocab)[:12]}, expected {expected[:12]})")
+        return vocab
+    candidates: list[Path] = []
+    if meta.get("vocab_path"):
+        candidates.append(Path(meta["vocab_path"]))
+    candidates += [d / "export" / VOCAB for d in list(path.parents)[:3]]
+    if meta.get("data_key"):  # the prepared-data cache: <cache_dir>/<corpus>-<src>-<tgt>-<key>/spm.model
+        d = cfg.data
+        candidates.append(Path(d.cache_dir) / f"{d.corpus}-{d.src_lang}-{d.tgt_lang}-{meta['data_key']}" / VOCAB)
+    for cand in candidates:
+        if cand.is_file() and (not expected or _sha256(cand) == expected):
+            return cand
+    sha = f" (sha256 {expected[:12]})" if expected else ""
+    raise CheckpointError(f"cannot find the SentencePiece model of checkpoint {path}{sha}; pass it with --vocab / vocab=")
+
+
+def checkpoint_context(path: str | Path, vocab: str | Path | None = None,
+                       config: str | Path | None = None) -> CheckpointContext:
+    """Load a checkpoint and resolve its config and vocabulary (see the module docstring)."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("meta") or {}
+    cfg = _load_config(path, meta, config)
+    return CheckpointContext(path, ckpt, cfg, _find_vocab(path, cfg, meta, vocab))
+
+
+def _encoder_info(cfg: Config, meta: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    if not cfg.model.fused:
+        return None
+    enc = meta.get("encoder") or {}
+    return {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer, "max_length": cfg.bert.max_length,
+            "weights_sha256": enc.get("weights_sha256"), "weights_included": any(k.startswith("bert.") for k in weights)}
+
+
+def export_model(run_dir_or_checkpoint: str | Path, out_dir: str | Path, vocab: str | Path | None = None,
+                 config: str | Path | None = None) -> Path:
+    """Write an exported folder (see the module docstring) from a checkpoint or a run directory.
+
+    The folder is written under a temporary name and renamed into place; an existing export at
+    ``out_dir`` is replaced.
+    """
+    src = Path(run_dir_or_checkpoint)
+    if src.is_dir() and is_export(src):
+        raise CheckpointError(f"{src} is already an exported model")
+    ckpt_path = find_checkpoint(src) if src.is_dir() else src
+    ctx = checkpoint_context(ckpt_path, vocab, config)
+    weights = {k: v.contiguous() for k, v in ctx.ckpt["model"].items()}
+    stage = ckpt_path.parent.name if ckpt_path.parent.parent.name == "checkpoints" else None
+    info = {
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "bertnmt": __version__,
+        "source_checkpoint": str(ckpt_path.resolve()), "stage": stage,
+        "epoch": ctx.ckpt.get("epoch"), "step": ctx.ckpt.get("step"), "valid_metric": ctx.ckpt.get("metric"),
+        "averaged_from": ctx.meta.get("averaged_from"),
+        "encoder": _encoder_info(ctx.cfg, ctx.meta, weights),
+        "vocab": {"file": VOCAB, "sha256": _sha256(ctx.vocab_path), "size": len(SubwordVocab(ctx.vocab_path))},
+        "files": list(REQUIRED),
+    }
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        from safetensors.torch import save_file
+
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "bertnmt_export": str(EXPORT_VERSION)})
+        OmegaConf.save(OmegaConf.structured(ctx.cfg), tmp / CONFIG)
+        shutil.copyfile(ctx.vocab_path, tmp / VOCAB)
+        (tmp / INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        old = None
+        if out.exists():
+            old = out.with_name(f".old-{out.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s (%s stage) to %s", ckpt_path, stage or "?", out)
+    return out
+
+
+def _build(cfg: Config, weights: dict[str, torch.Tensor], vocab: SubwordVocab, encoder: dict[str, Any] | None,
+           device: str, source: str) -> Translator:
+    from bertnmt.pipeline import make_model, weights_sha256
+
+    model = make_model(cfg, len(vocab), vocab.pad_id)
+    load_model_weights(model, weights, source)
+    tokenizer = None
+    if model.bert is not None:
+        enc = encoder or {}
+        expected = enc.get("weights_sha256")
+        if expected and not enc.get("weights_included") and weights_sha256(model.bert) != expected:
+            raise CheckpointError(
+                f"{source}: the encoder at bert.path={cfg.bert.path!r} is not the one this model was trained with "
+                f"(weights sha256 {expected[:12]}); point bert_path / --bert-path at that encoder"
+            )
+        tokenizer = EncoderTokenizer(cfg.bert.path, cfg.bert.max_length, cfg.bert.trust_remote_code)
+        check_tokenizer(cfg.bert, len(tokenizer), tokenizer.pad_id)
+    return Translator(cfg, model, vocab, tokenizer, device, source)
+
+
+def _load_export(folder: Path, device: str, bert_path: str | None) -> Translator:
+    missing = [f for f in REQUIRED if not (folder / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: incomplete bertnmt export, missing {', '.join(missing)}")
+    try:
+        info = json.loads((folder / INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / INFO}: unreadable ({e})") from None
+    if info.get("format") != EXPORT_FORMAT or info.get("version") != EXPORT_VERSION:
+        raise CheckpointError(f"{folder / INFO}: format {info.get('format')!r} version {info.get('version')!r}; "
+                              f"this bertnmt reads {EXPORT_FORMAT!r} version {EXPORT_VERSION}")
+    try:
+        cfg = to_config(OmegaConf.load(folder / CONFIG))
+    except OmegaConfBaseException as e:
+        raise CheckpointError(f"{folder / CONFIG}: {str(e).splitlines()[0]}") from None
+    if bert_path:
+        cfg.bert.path = bert_path
+    vocab = SubwordVocab(folder / VOCAB)
+    want = (info.get("vocab") or {}).get("sha256")
+    if want and vocab.sha256 != want:
+        raise CheckpointError(f"{folder / VOCAB}: sha256 {vocab.sha256[:12]} differs from export.json's {want[:12]}")
+    try:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(folder / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{folder / WEIGHTS}: cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
+    return _build(cfg, weights, vocab, info.get("encoder"), device, str(folder))
+
+
+def load_model(path: str | Path, device: str = "auto", bert_path: str | None = None,
+               vocab: str | Path | None = None, config: str | Path | None = None) -> Translator:
+    """A :class:`~bertnmt.translator.Translator` from an exported folder, a checkpoint or a run directory.
+
+    ``bert_path`` replaces the encoder's recorded name or path (the weights must be the same);
+    ``vocab`` and ``config`` name the SentencePiece model and the run config (``config.yaml``) of a
+    checkpoint that carries neither and sits outside its run directory.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if is_export(path):
+            return _load_export(path, device, bert_path)
+        if is_export(path / "export"):
+            return _load_export(path / "export", device, bert_path)
+        if (path / "checkpoints").is_dir():
+            path = find_checkpoint(path)
+        else:
+            missing = [f for f in REQUIRED if not (path / f).is_file()]
+            raise CheckpointError(f"{path}: incomplete bertnmt export, missing {', '.join(missing)}")
+    elif not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint or exported model")
+    ctx = checkpoint_context(path, vocab, config)
+    if bert_path:
+        ctx.cfg.bert.path = bert_path
+    encoder = _encoder_info(ctx.cfg, ctx.meta, ctx.ckpt["model"])
+    return _build(ctx.cfg, ctx.ckpt["model"], SubwordVocab(ctx.vocab_path), encoder, device, str(path))

@@ -1,0 +1,93 @@
+"""Translate with a trained model: stdin, a file, or interactively line by line.
+
+    echo "A man is riding a bike." | python scripts/translate.py runs/frozen_bert/DATE/export
+    python scripts/translate.py runs/.../export -i input.en --beam 5 --nbest 3 > out.txt
+    python scripts/translate.py runs/.../checkpoints/fused/checkpoint_best.pt      # prompts when stdin is a terminal
+
+--nbest N prints fairseq-like lines (S-i source, then H-i<TAB>score<TAB>translation per hypothesis),
+or with --format tsv: i<TAB>rank<TAB>score<TAB>translation.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+from bertnmt.errors import BertNMTError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="an exported folder, a checkpoint (.pt) or a run directory")
+    p.add_argument("-i", "--input", help="a file to translate (default: stdin)")
+    p.add_argument("--beam", type=int, help="beam size (default: the run's eval.beam; 1 = greedy)")
+    p.add_argument("--nbest", type=int, default=1, help="hypotheses per sentence (at most --beam)")
+    p.add_argument("--lenpen", type=float, help="length penalty (default: the run's eval.lenpen)")
+    p.add_argument("--format", choices=["auto", "plain", "fairseq", "tsv"], default="auto",
+                   help="auto: plain for --nbest 1, else fairseq")
+    p.add_argument("--buffer", type=int, default=512, help="sentences decoded together when not interactive")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--bert-path", help="where the pretrained encoder is now (same weights as in training)")
+    p.add_argument("--vocab", help="the SentencePiece model, when a checkpoint's own cannot be found")
+    p.add_argument("--config", help="the run's config.yaml, for a checkpoint that carries none (older runs)")
+    return p
+
+
+def chunks(lines: Iterator[str], size: int) -> Iterator[list[str]]:
+    while chunk := list(islice(lines, size)):
+        yield chunk
+
+
+def prompt(text: str) -> str | None:
+    """One line from the terminal (None at Ctrl-D); the prompt never goes into redirected output."""
+    if sys.stdout.isatty():
+        try:
+            return input(text)  # line editing
+        except EOFError:
+            return None
+    print(text, end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from bertnmt.data.corpora import read_lines
+    from bertnmt.export import load_model
+    from bertnmt.translator import format_hypotheses
+
+    fmt = args.format if args.format != "auto" else ("plain" if args.nbest == 1 else "fairseq")
+    try:
+        tr = load_model(args.model, device=args.device, bert_path=args.bert_path, vocab=args.vocab, config=args.config)
+        beam = tr.check_beam(args.beam, args.nbest)  # a bad --beam / --nbest fails before any input is read
+
+        def emit(first: int, batch: list[str]) -> None:
+            for k, (src, hyps) in enumerate(zip(batch, tr.translate_nbest(batch, beam, args.nbest, args.lenpen))):
+                print("\n".join(format_hypotheses(first + k, src, hyps, fmt)), flush=True)
+
+        if args.input is None and sys.stdin.isatty():  # interactive: one line at a time
+            print(f"{tr}\ntype a sentence and press Enter (Ctrl-D quits)", file=sys.stderr)
+            n = 0
+            while True:
+                line = prompt("> ")
+                if line is None:
+                    break
+                emit(n, [line])
+                n += 1
+            return
+        lines = iter(read_lines(Path(args.input))) if args.input else (line.rstrip("\n") for line in sys.stdin)
+        n = 0
+        for batch in chunks(lines, max(1, args.buffer)):
+            emit(n, batch)
+            n += len(batch)
+    except BertNMTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
