@@ -128,19 +128,6 @@ def _setup(spec: BenchSpec, variant: str):
     return cfg, data, tok, model, policy, features, device
 
 
-def _train_batches(spec: BenchSpec, data, tok, features) -> list:
-    """The first ``warmup + steps`` training batches, identical for every variant: the token budget
-    always counts the encoder ids; models without an encoder ignore those fields."""
-    loader = _epoch_loader(spec, data, tok, features)
-    loader.batch_sampler.set_epoch(1)
-    out = []
-    for b in loader:
-        out.append(b)
-        if len(out) == spec.warmup + spec.steps:
-            break
-    return out
-
-
 def train_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     """Time ``spec.steps`` optimizer updates of one training variant; FLOPs and peak memory with it."""
     from bertnmt.training import forward_loss, smoothed_loss
@@ -151,7 +138,9 @@ def train_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
         spec = replace(spec, bf16=True)
     if variant == "marian":
         model = marian_like(cfg.model, len(data.vocab), data.vocab.pad_id).to(device)
-    batches = [b.to(device) for b in _train_batches(spec, data, tok, features)]
+    loader = _epoch_loader(spec, data, tok, features)  # streamed, as in the Trainer (collation is timed too)
+    loader.batch_sampler.set_epoch(1)
+    batches = iter(loader)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=1e-4)
     step_model = torch.compile(model) if spec.compile else model
@@ -172,23 +161,23 @@ def train_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for b in batches[: spec.warmup]:
-        step(b)
+    for _ in range(spec.warmup):
+        step(next(batches).to(device, non_blocking=True))
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timed = batches[spec.warmup :]
+    ntok, shapes = 0, []
     start = time.perf_counter()
-    for b in timed:
+    for _ in range(spec.steps):
+        b = next(batches).to(device, non_blocking=True)
         step(b)
+        ntok += b.ntokens
+        shapes.append((b.src.size(0), b.src.size(1), b.tgt_in.size(1), b.enc_ids.size(1)))
     _sync(device)
     elapsed = time.perf_counter() - start
-    ntok = sum(b.ntokens for b in timed)
-    shapes = [(b.src.size(0), b.src.size(1), b.tgt_in.size(1), b.enc_ids.size(1) if b.enc_ids is not None else 0)
-              for b in timed]
-    epoch_batches = len(_epoch_loader(spec, data, tok))
-    return {"variant": variant, "step_s": elapsed / len(timed), "tokens_per_s": ntok / elapsed,
-            "epoch_batches": epoch_batches, "epoch_s_est": elapsed / len(timed) * epoch_batches,
+    epoch_batches = len(loader)
+    return {"variant": variant, "step_s": elapsed / spec.steps, "tokens_per_s": ntok / elapsed,
+            "epoch_batches": epoch_batches, "epoch_s_est": elapsed / spec.steps * epoch_batches,
             "peak_mb": _peak_mb(device), "shapes": shapes, "encoder_weights_mb": _encoder_mb(model),
             "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters())}
 

@@ -134,6 +134,7 @@ class TrainerConfig:
     keep_last: int = 1
     tensorboard: bool = True
     progress: bool = True
+    compile: bool = False  # torch.compile the model for training (worth it on a GPU; see docs/benchmarks.md)
 
 
 @dataclass

@@ -187,6 +187,8 @@ class Trainer:
         self.run_dir, self.stage, self.meta = Path(run_dir), stage, meta
         self.device = pick_device(cfg.trainer.device)
         self.model.to(self.device)
+        # the training forward; the same module (same parameters) when compiled, so state dicts are unchanged
+        self.step_model = torch.compile(model) if cfg.trainer.compile else model
         self.policy.apply(self.model, epoch=1, step=0)
         groups = self.policy.param_groups(self.model, cfg.optim)  # every parameter, one group each
         o = cfg.optim
@@ -248,7 +250,7 @@ class Trainer:
 
     # -- one epoch ---------------------------------------------------------------------------
     def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_loss(self.model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
+        return forward_loss(self.step_model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
                             use_features=bool(self.features))  # cached H_B, never once the encoder trains
 
     def train_epoch(self, epoch: int) -> dict[str, float]:

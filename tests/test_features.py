@@ -148,12 +148,13 @@ def test_encoder_untrained_follows_the_schedule(bert_path: str) -> None:
 
 
 def make_trainer(bert_path: str, data: PreparedData, freeze: FreezeConfig, run_dir: Path, epochs: int,
-                 cached: bool) -> tuple[Trainer, list[float], CountCalls]:
+                 cached: bool, compile: bool = False) -> tuple[Trainer, list[float], CountCalls]:
     model = fused_model(bert_path)
     policy = frozen_policy(model, freeze)
     stores = build_cache(model, data, policy) if cached else None
     cfg = Config(model=TINY, freeze=freeze, optim=OptimConfig(lr=1e-3, warmup_steps=3), data=DataConfig(max_tokens=100),
-                 trainer=TrainerConfig(max_epochs=epochs, device="cpu", valid_bleu=False, tensorboard=False, progress=False))
+                 trainer=TrainerConfig(max_epochs=epochs, device="cpu", valid_bleu=False, tensorboard=False, progress=False,
+                                       compile=compile))
     torch.manual_seed(123)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, model, data, policy, run_dir, "fused", {}, enc_pad_id=0, features=stores)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import shutil
 import time
 from dataclasses import dataclass
@@ -40,10 +41,18 @@ DTYPE = np.float16
 
 @dataclass
 class FeatureStore:
-    """H_B of one split: sentence ``i`` is ``values[offsets[i]:offsets[i+1]]`` (E_i, Hb), fp16."""
+    """H_B of one split: sentence ``i`` is ``values[offsets[i]:offsets[i+1]]`` (E_i, Hb), fp16.
+
+    Pages of a memory map that were read count in the process's resident set until unmapped, so a
+    whole epoch would add the full cache to the reported peak memory although the pages are clean and
+    shared with the OS page cache. Every ``release_bytes`` served, :meth:`release` drops them from this
+    process (the next read maps them again from the page cache, a minor fault).
+    """
 
     values: np.ndarray  # (N_tokens, Hb) float16, usually a read-only memmap
     offsets: np.ndarray  # (N + 1,) int64
+    release_bytes: int = 64 * 2**20
+    _served: int = 0
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -53,7 +62,18 @@ class FeatureStore:
         return int(self.values.shape[1])
 
     def get(self, i: int) -> np.ndarray:
-        return self.values[self.offsets[i] : self.offsets[i + 1]]  # (E_i, Hb)
+        out = np.array(self.values[self.offsets[i] : self.offsets[i + 1]])  # (E_i, Hb), copied out of the map
+        self._served += out.nbytes
+        if self._served >= self.release_bytes:
+            self.release()
+        return out
+
+    def release(self) -> None:
+        """Unmap the pages read so far from this process (they stay in the page cache)."""
+        mm = getattr(self.values, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+        self._served = 0
 
 
 def pad_features(feats: list[np.ndarray]) -> Tensor:
