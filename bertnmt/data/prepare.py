@@ -155,6 +155,9 @@ def _log_report(cfg: DataConfig, data: PreparedData) -> None:
         cfg.corpus, cfg.src_lang, cfg.tgt_lang, data.dir, r["pairs"], r["dropped_empty"],
         r["dropped_too_long"], r["cut_by_limit"], r["vocab_size"],
     )
+    if sum(r["dropped_too_long"].values()):
+        logger.warning("%d training pairs longer than data.max_len=%d pieces were dropped",
+                       sum(r["dropped_too_long"].values()), cfg.max_len)
     for split in ("valid", "test"):
         if r["pairs"][split] == 0:
             logger.warning("the %s split of %s is empty", split, cfg.corpus)
