@@ -98,7 +98,8 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path: Path, caplog: 
     caplog.set_level(logging.INFO)
     trainer = make_trainer(tmp_path)
     bad = {3: math.nan, 4: math.inf}
-    seen = patch_forward(trainer, lambda k, t: (torch.tensor(bad[k], requires_grad=True), torch.tensor(0.0)) if k in bad else None)
+    loss = lambda k: (torch.tensor(bad[k], requires_grad=True), torch.tensor(0.0))  # noqa: E731
+    seen = patch_forward(trainer, lambda k, t: loss(k) if k in bad else None)
     trainer.fit()
     assert_same(seen[2], seen[3])  # the update of the NaN batch did not happen...
     assert_same(seen[3], seen[4])  # ...nor that of the inf one after it
@@ -136,15 +137,17 @@ def test_out_of_memory_skips_the_batch_and_is_counted(tmp_path: Path, straight: 
     assert [(r["skipped_nonfinite"], r["skipped_oom"]) for r in records(tmp_path)] == [(0, 1), (0, 0)]
 
 
-def test_sigterm_saves_at_the_next_step_boundary_and_resumes_exactly(tmp_path: Path, straight: Trainer) -> None:
-    before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_at_the_next_step_boundary_and_resumes_exactly(tmp_path: Path, straight: Trainer,
+                                                                       signum: int) -> None:
+    before = signal.getsignal(signum)
     trainer = make_trainer(tmp_path)
-    patch_forward(trainer, lambda k, t: os.kill(os.getpid(), signal.SIGTERM) if k == 5 else None)
+    patch_forward(trainer, lambda k, t: os.kill(os.getpid(), signum) if k == 5 else None)
     with pytest.raises(TrainingInterrupted) as info:
         trainer.fit()
-    assert signal.getsignal(signal.SIGTERM) is before  # the handler is removed again
+    assert signal.getsignal(signum) is before  # the handler is removed again
     err = info.value
-    assert (err.signum, err.step) == (signal.SIGTERM, 5)  # the update of batch 5 finished first
+    assert (err.signum, err.step) == (signum, 5)  # the update of batch 5 finished first
     assert str(err) == (f"interrupted at step 5; checkpoint saved to {tmp_path}/checkpoints/baseline/checkpoint_1_5.pt; "
                         "rerun the same command to resume")
     ckpt = load_checkpoint(err.path)

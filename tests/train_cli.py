@@ -19,7 +19,7 @@ def train_cmd(args: list[str]) -> list[str]:
     return [sys.executable, "scripts/train.py", *args]
 
 
-def run_train(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+def run_train(args: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(train_cmd(args), cwd=ROOT, env=train_env(**env), capture_output=True, text=True,
                           timeout=timeout)
 

@@ -76,7 +76,7 @@ def _check(cfg: DataConfig) -> None:
         raise ConfigError(f"data.max_len={cfg.max_len} must be at least 1")
     for split in SPLITS:
         limit = getattr(cfg, f"{split}_limit")
-        if limit is not None and limit < (1 if split == "train" else 0):
+        if limit is not None and limit < (0 if split == "test" else 1):  # training and validation need a pair
             raise ConfigError(f"data.{split}_limit={limit} is too small")
 
 
