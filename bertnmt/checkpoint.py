@@ -173,22 +173,28 @@ def position(ckpt: dict[str, Any]) -> tuple[int, int, int, int]:
 def latest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest readable checkpoint of a stage, or None when it has none.
 
-    ``checkpoint_last.pt`` is the newest by construction. When it cannot be read (a warning names
-    it), the newest readable one of the step checkpoints and ``checkpoint_best.pt`` is used.
+    ``checkpoint_last.pt`` is the newest, unless a kill came between writing a step checkpoint and
+    linking it as the last one. When it cannot be read (a warning names it), the newest readable one
+    of the step checkpoints and ``checkpoint_best.pt`` is used.
     """
     steps = step_checkpoints(folder)
-    candidates = [p for p in [folder / LAST, *reversed(steps), folder / BEST] if p.is_file()]
-    if not candidates:
-        return None
-    failures = []
-    if candidates[0].name == LAST:
+    rest = [p for p in [*reversed(steps), folder / BEST] if p.is_file()]
+    best: tuple[Path, dict[str, Any]] | None = None
+    failures: list[str] = []
+    if (folder / LAST).is_file():
         try:
-            return candidates[0], load_checkpoint(candidates[0])
+            best = (folder / LAST, load_checkpoint(folder / LAST))
         except CheckpointError as e:
             log.warning("%s; falling back to the previous good checkpoint", e)
-            failures.append(candidates.pop(0).name)
-    best: tuple[Path, dict[str, Any]] | None = None
-    for path in candidates:
+            failures.append(LAST)
+        else:
+            newest = _STEP_NAME.fullmatch(steps[-1].name) if steps else None
+            if newest is None or (int(newest[1]), int(newest[2])) <= (int(best[1]["epoch"]), int(best[1]["step"])):
+                return best
+    elif not rest:
+        return None
+    fallback = best is None
+    for path in rest:
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError as e:
@@ -200,7 +206,8 @@ def latest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     if best is None:
         raise CheckpointError(f"no readable checkpoint in {folder} (tried {', '.join(failures)}); "
                               "delete the folder to train this stage from the start")
-    log.warning("resuming from %s instead", best[0])
+    if fallback or best[0].name != LAST:
+        log.warning("resuming from %s instead", best[0])
     return best
 
 

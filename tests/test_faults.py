@@ -269,3 +269,27 @@ def test_trust_remote_code_is_off_unless_set_and_logged_when_on(tmp_path: Path, 
         assert [r.levelname for r in warned] == (["WARNING"] if trust else [])
     assert BertConfig().trust_remote_code is False
     assert "bert.trust_remote_code=true: Python code shipped with the encoder" in warned[0].getMessage()
+
+
+def test_a_step_checkpoint_newer_than_the_last_one_wins(tmp_path: Path, straight: Trainer) -> None:
+    """A kill between writing checkpoint_1_4.pt and linking it as checkpoint_last.pt."""
+    trainer = make_trainer(tmp_path, save_every_steps=2)
+    patch_forward(trainer, lambda k, t: os.kill(os.getpid(), signal.SIGTERM) if k == 4 else None)
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    folder = tmp_path / "checkpoints" / "baseline"
+    (folder / LAST).unlink()
+    os.link(folder / "checkpoint_1_2.pt", folder / LAST)  # the last one is still step 2's
+    resumed = make_trainer(tmp_path, resume=folder)
+    assert resumed.resumed_from == folder / "checkpoint_1_4.pt" and resumed.step == 4
+    resumed.fit()
+    assert_same(weights(resumed), weights(straight))
+
+
+def test_exit_code_for_a_full_disk_outside_checkpoints(capsys: pytest.CaptureFixture) -> None:
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/results.jsonl")
+
+    assert exit_code(full) == 2
+    assert capsys.readouterr().err == ("error: no space left on device while writing runs/x/results.jsonl; "
+                                       "free some space and rerun the same command to resume\n")
