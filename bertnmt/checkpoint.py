@@ -1,17 +1,33 @@
-"""Checkpoints: atomic writes, safe loading, warm start.
+"""Checkpoints: atomic writes, safe loading, rotation, fallback to the previous good one, warm start.
 
 A checkpoint is a plain dict of tensors and primitives, loaded with
 ``torch.load(weights_only=True)`` (nothing is unpickled). A frozen pretrained encoder's
 weights are not stored: only its name, path and a hash (``meta["bert"]``).
+
+Files of one stage, ``<run>/checkpoints/<stage>/``:
+
+- ``checkpoint_<epoch>_<step>.pt``: every ``trainer.save_every_steps`` updates (the last
+  ``trainer.keep_last`` are kept), mid-epoch, with the position inside the epoch;
+- ``checkpoint_last.pt``: the newest state (a step checkpoint or the end of an epoch);
+- ``checkpoint_best.pt``: the end of the epoch with the best validation score.
+
+Every file is written to a temporary file in the same folder, fsynced and renamed, so a kill
+or a full disk never leaves a half-written checkpoint under a checkpoint's name.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
+import random
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,35 +35,100 @@ from bertnmt.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # new keys are optional: a version-1 file without them is an end-of-epoch checkpoint
+LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+_STEP_NAME = re.compile(r"checkpoint_(\d+)_(\d+)\.pt")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_error(path: Path, err: OSError) -> CheckpointError:
+    if err.errno in _DISK_FULL:
+        return CheckpointError(f"no space left on device while writing checkpoint {path}; the previous checkpoint "
+                               "is intact: free some space and rerun the same command to resume")
+    return CheckpointError(f"cannot write checkpoint {path} ({err.strerror or err})")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: not every file system can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file in the same folder + rename)."""
+    """Write ``payload`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    On any failure the temp file is removed and ``path`` keeps its previous content; a full disk
+    or another OS error is a :class:`CheckpointError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets a normal file's mode
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def link_checkpoint(src: Path, dst: Path) -> None:
+    """Make ``dst`` an atomic copy of the finished checkpoint ``src`` (a hard link where possible)."""
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(dst, e) from None
+    _fsync_dir(dst.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely; a missing, corrupt or foreign file is a :class:`CheckpointError`."""
+    """Load a checkpoint safely; a missing, truncated, corrupt, unsafe or foreign file is a :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise CheckpointError(f"checkpoint {path} holds a pickled Python object ({unsafe[1]}), not only tensors "
+                                  "and plain values; refusing to load it (weights_only=True)") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: truncated or corrupt (not a torch.save file)") from None
     except Exception as e:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+        first = str(e).splitlines()[0].split(". ")[0][:100] if str(e) else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read: truncated or corrupt ({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a bertnmt checkpoint")
     version = ckpt.get("format_version")
@@ -56,6 +137,110 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+# -- the checkpoints of one stage -------------------------------------------------------------------
+def step_checkpoint(folder: Path, epoch: int, step: int) -> Path:
+    return folder / f"checkpoint_{epoch}_{step}.pt"
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """The stage's step checkpoints, oldest first (by epoch, then step)."""
+    if not folder.is_dir():
+        return []
+    found = [(m, p) for p in folder.iterdir() if (m := _STEP_NAME.fullmatch(p.name))]
+    return [p for m, p in sorted(found, key=lambda mp: (int(mp[0][1]), int(mp[0][2])))]
+
+
+def rotate(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (``checkpoint_last.pt`` is a separate file)."""
+    for old in step_checkpoints(folder)[: -keep if keep > 0 else None]:
+        old.unlink(missing_ok=True)
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Temp files of saves that a kill interrupted."""
+    if folder.is_dir():
+        for tmp in folder.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def position(ckpt: dict[str, Any]) -> tuple[int, int, int, int]:
+    """Where in training a checkpoint was taken: (epoch, epoch finished, batches done, step), for ordering."""
+    pos = ckpt.get("position") or {}
+    done = bool(pos.get("epoch_done", True))
+    return int(ckpt.get("epoch", 0)), int(done), int(pos.get("batches_done", 0)), int(ckpt.get("step", 0))
+
+
+def latest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint of a stage, or None when it has none.
+
+    ``checkpoint_last.pt`` is the newest, unless a kill came between writing a step checkpoint and
+    linking it as the last one. When it cannot be read (a warning names it), the newest readable one
+    of the step checkpoints and ``checkpoint_best.pt`` is used.
+    """
+    steps = step_checkpoints(folder)
+    rest = [p for p in [*reversed(steps), folder / BEST] if p.is_file()]
+    best: tuple[Path, dict[str, Any]] | None = None
+    failures: list[str] = []
+    if (folder / LAST).is_file():
+        try:
+            best = (folder / LAST, load_checkpoint(folder / LAST))
+        except CheckpointError as e:
+            log.warning("%s; falling back to the previous good checkpoint", e)
+            failures.append(LAST)
+        else:
+            newest = _STEP_NAME.fullmatch(steps[-1].name) if steps else None
+            if newest is None or (int(newest[1]), int(newest[2])) <= (int(best[1]["epoch"]), int(best[1]["step"])):
+                return best
+    elif not rest:
+        return None
+    fallback = best is None
+    for path in rest:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("%s; skipping it", e)
+            failures.append(path.name)
+            continue
+        if best is None or position(ckpt) > position(best[1]):
+            best = (path, ckpt)
+    if best is None:
+        raise CheckpointError(f"no readable checkpoint in {folder} (tried {', '.join(failures)}); "
+                              "delete the folder to train this stage from the start")
+    if fallback or best[0].name != LAST:
+        log.warning("resuming from %s instead", best[0])
+    return best
+
+
+# -- random number generators -----------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Every RNG's state (torch, CUDA, numpy, Python's ``random``) as tensors and plain values (``weights_only``-safe)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (missing parts are left alone)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state(("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
+# -- weights ----------------------------------------------------------------------------------------
 def model_weights(model: nn.Module, include_bert: bool) -> dict[str, torch.Tensor]:
     """The model's weights, without the pretrained encoder's unless it trains."""
     sd = model.state_dict()
@@ -66,6 +251,11 @@ def model_weights(model: nn.Module, include_bert: bool) -> dict[str, torch.Tenso
 
 def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Load weights saved by :func:`model_weights`; the pretrained encoder may be absent."""
+    ours = model.state_dict()
+    for k, v in weights.items():
+        if k in ours and ours[k].shape != v.shape:
+            raise CheckpointError(f"checkpoint {source}: {k} has shape {tuple(v.shape)} but the model expects "
+                                  f"{tuple(ours[k].shape)} (other vocabulary or dimensions)")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("bert.")]
     if missing or unexpected:

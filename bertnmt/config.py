@@ -131,7 +131,11 @@ class TrainerConfig:
     log_every: int = 50
     valid_bleu: bool = True  # greedy BLEU on the validation split every epoch
     valid_max_sents: int = 0  # 0 = all
-    keep_last: int = 1
+    # Checkpoints and faults (README, "When things go wrong").
+    save_every_steps: int = 0  # also checkpoint every N updates, mid-epoch (0 = at epoch ends only)
+    keep_last: int = 3  # step checkpoints kept (checkpoint_last/best are kept apart)
+    resume: str = "auto"  # auto: continue the newest unfinished run of this config | never | a checkpoint path
+    max_nonfinite_in_row: int = 5  # that many non-finite losses in a row stop the run (0 = never)
     tensorboard: bool = True
     progress: bool = True
     compile: bool = False  # torch.compile the model for training (worth it on a GPU; see docs/benchmarks.md)

@@ -14,4 +14,20 @@ class DataError(BertNMTError):
 
 
 class CheckpointError(BertNMTError):
-    """A checkpoint is missing, corrupt or incompatible."""
+    """A checkpoint is missing, corrupt or incompatible, or cannot be written."""
+
+
+class TrainingError(BertNMTError):
+    """Training cannot go on (e.g. too many non-finite losses in a row); the message names the step."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped training at a step boundary after a checkpoint was saved.
+
+    Not a :class:`BertNMTError`: the entry point exits with 128 + the signal number, and a rerun of
+    the same command resumes from ``path``.
+    """
+
+    def __init__(self, signum: int, step: int, path: str) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}; rerun the same command to resume")

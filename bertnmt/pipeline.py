@@ -23,17 +23,20 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from bertnmt.checkpoint import warm_start
+from bertnmt.checkpoint import load_checkpoint, warm_start
 from bertnmt.config import Config, FreezeConfig
 from bertnmt.data.features import FeatureStore, feature_cache
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
+from bertnmt.errors import BertNMTError, CheckpointError, ConfigError
 from bertnmt.export import export_model
 from bertnmt.freeze import FreezePolicy, schedule_table
 from bertnmt.metrics import corpus_scores
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder, check_tokenizer
-from bertnmt.training import StageResult, Trainer, append_jsonl, load_best, pick_device, translate_split
+from bertnmt.results import append_jsonl
+from bertnmt.rundir import CONFIG, open_run_dir, release, save_config, stage_marker
+from bertnmt.training import StageResult, Trainer, load_best, pick_device, translate_split
 
 log = logging.getLogger(__name__)
 
@@ -128,30 +131,66 @@ def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result
     return out
 
 
+Explicit = tuple[Path, str] | None  # trainer.resume=PATH: the checkpoint and its stage
+
+
+def check_resume_inputs(cfg: Config) -> Explicit:
+    """Before any data: ``trainer.resume`` and ``warm_start.path`` must be readable checkpoints of this format."""
+    mode = cfg.trainer.resume
+    explicit: Explicit = None
+    if mode not in ("auto", "never"):
+        if not Path(mode).is_file():
+            raise ConfigError(f"trainer.resume={mode!r} is neither auto, never nor a checkpoint file")
+        ckpt = load_checkpoint(mode)
+        explicit = (Path(mode), str(ckpt.get("stage") or ("fused" if cfg.model.fused else "baseline")))
+        del ckpt
+    if cfg.warm_start.path is not None and cfg.model.fused:
+        load_checkpoint(cfg.warm_start.path)
+    return explicit
+
+
+def resume_source(cfg: Config, run_dir: Path, stage: str, explicit: Explicit) -> Path | None:
+    """Where ``stage`` resumes from: the explicit checkpoint, its own checkpoint folder (auto), or nowhere."""
+    if explicit is not None:
+        return explicit[0] if explicit[1] == stage else None
+    folder = run_dir / "checkpoints" / stage
+    if cfg.trainer.resume == "auto" and any(folder.glob("checkpoint_*.pt")):
+        return folder
+    return None
+
+
 def train_stage(cfg: Config, data: PreparedData, run_dir: Path, stage: str, meta: dict[str, Any],
-                enc_pad_id: int | None, warm: str | None = None) -> dict[str, Any]:
-    """Build, (warm-start,) train and test one model."""
+                enc_pad_id: int | None, warm: str | None = None, explicit: Explicit = None) -> dict[str, Any]:
+    """Build, (warm-start or resume,) train and test one model; a stage finished in this run folder is not retrained."""
+    marker = stage_marker(run_dir, stage)
+    if marker.is_file() and cfg.trainer.resume == "auto":
+        log.info("[%s] finished earlier in this run (%s): not trained again", stage, marker.name)
+        return json.loads(marker.read_text(encoding="utf-8"))
     seed_everything(cfg.trainer.seed)
     model = make_model(cfg, len(data.vocab), data.vocab.pad_id)
     if model.bert is not None:
         meta["encoder"]["weights_sha256"] = weights_sha256(model.bert)
         write_json(run_dir / "meta.json", meta)
-    if warm:
+    resume = resume_source(cfg, run_dir, stage, explicit)
+    if warm and resume is None:  # a resumed stage gets its weights from its checkpoint
         warm_start(model, warm, data.vocab.sha256)
     policy = FreezePolicy(cfg.freeze)
     features = None
     if model.bert is not None and enc_pad_id is not None:
-        policy.apply(model, epoch=1, step=0)
+        policy.apply(model, epoch=1, step=0)  # a resumed Trainer re-checks at its own position
         device = pick_device(cfg.trainer.device)
         model.bert.to(device)
         features = feature_cache(model.bert, data, meta["encoder"]["weights_sha256"], enc_pad_id, device,
                                  cfg.bert.cache_budget_gb, cfg.bert.cache_features, policy.encoder_untrained(model))
-    trainer = Trainer(cfg, model, data, policy, run_dir, stage, meta, enc_pad_id, features=features)
+    trainer = Trainer(cfg, model, data, policy, run_dir, stage, meta, enc_pad_id, resume=resume, features=features)
     result = trainer.fit()
-    return finish_stage(cfg, model, data, result, run_dir, enc_pad_id, trainer.features.get("test"))
+    summary = finish_stage(cfg, model, data, result, run_dir, enc_pad_id, trainer.features.get("test"))
+    write_json(marker, summary)
+    return summary
 
 
-def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[str, Any],
+                    explicit: Explicit = None) -> tuple[Path, dict[str, Any]]:
     """The warm-start checkpoint: reused from the cache when data, vocabulary and settings match, else trained now."""
     key = baseline_key(cfg, data)
     cache = Path(cfg.data.cache_dir) / "baselines" / key
@@ -167,26 +206,49 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
         freeze=FreezeConfig(policy="finetune"),  # the warm-start baseline trains everything, whatever the fused policy
         trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps),
     )
-    summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": asdict(bcfg.model)}, None)
-    cache.mkdir(parents=True, exist_ok=True)
+    summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": asdict(bcfg.model)}, None, explicit=explicit)
     tmp = cache / "checkpoint.pt.tmp"
-    shutil.copyfile(summary["checkpoint"], tmp)
-    os.replace(tmp, ckpt)
-    write_json(summary_path, summary)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(summary["checkpoint"], tmp)
+        os.replace(tmp, ckpt)
+        write_json(summary_path, summary)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot cache the baseline in {cache} ({e.strerror or e})") from None
     return ckpt, summary
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Run the configured experiment in ``cfg.output_dir``; returns the summary (also in summary.json)."""
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Run the configured experiment; returns the summary (also in summary.json).
+
+    The run folder is ``cfg.output_dir``, or with ``trainer.resume=auto`` the unfinished run of the same
+    config that this call continues (see :mod:`bertnmt.rundir`; ``cfg.output_dir`` is updated).
+    """
+    if cfg.model.fused and cfg.bert.trust_remote_code:
+        log.warning("bert.trust_remote_code=true: Python code shipped with the encoder %r will run", cfg.bert.path)
     policy, skeleton = check_freeze(cfg)  # a bad policy fails before any data is loaded
     if cfg.freeze.dry_run:
         table = schedule_table(policy, skeleton, cfg.trainer.max_epochs, cfg.trainer.max_steps)
         print(f"{table}\n(dry run: model {cfg.model.name} with data.vocab_size={cfg.data.vocab_size}; nothing was trained)")
         return {"name": cfg.name, "dry_run": True, "table": table}
     del policy, skeleton
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    explicit = check_resume_inputs(cfg)
+    run_dir = open_run_dir(cfg)
+    fresh = not (run_dir / CONFIG).is_file()
+    try:
+        return _run(cfg, run_dir, explicit)
+    except BertNMTError:
+        if fresh and not (run_dir / "checkpoints").exists():  # nothing trained: leave no half-written outputs
+            for name in (CONFIG, "meta.json", "results.jsonl"):
+                (run_dir / name).unlink(missing_ok=True)
+        raise
+    finally:
+        release(run_dir)
+
+
+def _run(cfg: Config, run_dir: Path, explicit: Explicit) -> dict[str, Any]:
+    save_config(cfg, run_dir)
     start = time.perf_counter()
     data = prepare_data(cfg.data)
     enc_pad_id = None
@@ -207,13 +269,13 @@ def run(cfg: Config) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"name": cfg.name, "run_dir": str(run_dir)}
     if not cfg.model.fused:
-        summary["baseline"] = train_stage(cfg, data, run_dir, "baseline", meta, None)
+        summary["baseline"] = train_stage(cfg, data, run_dir, "baseline", meta, None, explicit=explicit)
     else:
         warm = cfg.warm_start.path
         if warm is None and cfg.warm_start.auto:
-            ckpt, summary["baseline"] = ensure_baseline(cfg, data, run_dir, meta)
+            ckpt, summary["baseline"] = ensure_baseline(cfg, data, run_dir, meta, explicit)
             warm = str(ckpt)
-        summary["fused"] = train_stage(cfg, data, run_dir, "fused", meta, enc_pad_id, warm)
+        summary["fused"] = train_stage(cfg, data, run_dir, "fused", meta, enc_pad_id, warm, explicit)
         summary["warm_start"] = warm
     summary["total_time_s"] = round(time.perf_counter() - start, 1)
     base, fused = summary.get("baseline"), summary.get("fused")

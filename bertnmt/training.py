@@ -2,18 +2,21 @@
 
 Every epoch writes one line to ``results.jsonl`` (and TensorBoard): epoch wall time,
 target tokens/s, train/valid loss, valid BLEU, trainable/total parameters (per group, with the
-active freeze rules) and peak memory. ``Trainer(..., resume=CKPT)`` continues a stage exactly:
-model, optimizer, schedule, epoch, step, freeze position and RNG state come from the checkpoint.
+active freeze rules), peak memory and the updates skipped for a non-finite loss or out of memory.
+
+``Trainer(..., resume=CKPT or FOLDER)`` continues a stage exactly, also from the middle of an
+epoch: model, optimizer, schedule, epoch, step, the position inside the epoch (the same remaining
+batches in the same order), freeze position, running loss sums and every RNG come from the
+checkpoint (see :mod:`bertnmt.checkpoint` for the files, :mod:`bertnmt.faults` for signals and skips).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertnmt.checkpoint import load_checkpoint, load_model_weights, model_weights, save_checkpoint
+from bertnmt.checkpoint import (BEST, LAST, latest_checkpoint, link_checkpoint, load_checkpoint, load_model_weights,
+                                model_weights, remove_temp_files, rng_state, rotate, save_checkpoint, set_rng_state,
+                                step_checkpoint)
 from bertnmt.config import Config
 from bertnmt.data.collate import Batch, make_loader
 from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import PreparedData, Split
+from bertnmt.errors import CheckpointError, TrainingInterrupted
+from bertnmt.faults import StopSignal, UpdateGuard
 from bertnmt.freeze import FreezePolicy
 from bertnmt.metrics import corpus_scores
+from bertnmt.results import append_jsonl, keep_until
 from bertnmt.search import beam_search, greedy_search
 
 log = logging.getLogger(__name__)
@@ -109,9 +117,16 @@ class StageResult:
         return sum(times) / max(1, len(times))
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+@dataclass
+class EpochPosition:
+    """Where training is inside an epoch, saved in every checkpoint (running sums included)."""
+
+    epoch_done: bool = False
+    batches_done: int = 0  # batches drawn from this epoch's sampler (skipped ones included)
+    n_batches: int = 0  # the epoch's batch count (a check that the data did not change)
+    tot_loss: float = 0.0
+    tot_tokens: float = 0.0
+    elapsed_s: float = 0.0  # training time of this epoch so far
 
 
 def head(split: Split, n: int) -> Split:
@@ -158,26 +173,13 @@ def translate_split(model: nn.Module, data: PreparedData, split: Split, cfg: Con
     return hyps
 
 
-def rng_state() -> dict[str, Any]:
-    """Torch's RNG state (dropout, drop-net): uint8 tensors, fine for ``weights_only`` loading."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     """Trains one stage (``baseline`` or ``fused``) of the recipe in ``run_dir``.
 
     The freeze policy is applied at each epoch start and, with ``freeze.unit=step``, before every
     optimizer update; the lr of each parameter is the inverse-sqrt schedule times its policy multiplier.
+    ``resume``: a checkpoint file, or a stage's checkpoint folder (its newest readable checkpoint; none: start).
+    Checkpoints and ``results.jsonl`` are written only by :meth:`_save` and :meth:`_record`.
     """
 
     def __init__(self, cfg: Config, model: nn.Module, data: PreparedData, policy: FreezePolicy,
@@ -207,25 +209,50 @@ class Trainer:
         self.results = self.run_dir / "results.jsonl"
         self.ckpt_dir = self.run_dir / "checkpoints" / stage
         self.writer = None
-        if cfg.trainer.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb" / stage))
+        self.guard = UpdateGuard(stage, cfg.trainer.max_nonfinite_in_row)
+        self.stop = StopSignal()
+        self.past_epochs: list[dict[str, Any]] = []  # this stage's records from before a resume
+        self.resumed_from: Path | None = None
+        self._resume_pos: EpochPosition | None = None  # a checkpoint taken inside an epoch
+        self._resume_rng: dict[str, Any] | None = None  # restored where the original run was at that point
         if resume is not None:
             self.resume(resume)
         self._check_features()
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint of this stage: weights, optimizer, schedule, epoch, step, freeze position, RNG."""
-        ckpt = load_checkpoint(path)
+        """Continue from a checkpoint of this stage (or the newest readable one in a folder): weights, optimizer,
+        schedule, epoch, step, position inside the epoch, freeze position, running sums and RNG."""
+        path = Path(path)
+        if path.is_dir():
+            found = latest_checkpoint(path)
+            if found is None:
+                return
+            path, ckpt = found
+        else:
+            ckpt = load_checkpoint(path)
+        if ckpt.get("stage", self.stage) != self.stage:
+            raise CheckpointError(f"checkpoint {path} belongs to the {ckpt['stage']!r} stage, not {self.stage!r}")
         load_model_weights(self.model, ckpt["model"], str(path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step, self.start_epoch = int(ckpt["step"]), int(ckpt["epoch"]) + 1
+        epoch = int(ckpt["epoch"])
+        pos = EpochPosition(**{"epoch_done": True, **ckpt.get("position", {})})
+        self.step = int(ckpt["step"])
+        self.start_epoch = epoch + 1 if pos.epoch_done else epoch
+        self._resume_pos = None if pos.epoch_done else pos
+        self.guard.load_state_dict(ckpt.get("guard", {}))
         self.best = float(ckpt.get("best_metric", ckpt.get("metric", -math.inf)))
         self.policy.load_state_dict(ckpt.get("freeze", {}))
-        set_rng_state(ckpt.get("rng", {}))
-        log.info("[%s] resumed from %s at epoch %d, step %d", self.stage, path, self.start_epoch, self.step)
+        self._resume_rng = ckpt.get("rng", {})
+        seed = ckpt.get("sampler", {}).get("seed", self.cfg.trainer.seed)
+        if seed != self.cfg.trainer.seed:
+            log.warning("[%s] %s was trained with trainer.seed=%s, now %s: the data order differs from here on",
+                        self.stage, path, seed, self.cfg.trainer.seed)
+        self.resumed_from = path
+        self.past_epochs = keep_until(self.results, self.stage, epoch if pos.epoch_done else epoch - 1)
+        remove_temp_files(self.ckpt_dir)
+        where = "end" if pos.epoch_done else f"batch {pos.batches_done}/{pos.n_batches}"
+        log.info("[%s] resumed from %s: epoch %d (%s), step %d", self.stage, path, epoch, where, self.step)
 
     def _check_features(self) -> None:
         """Stop serving cached H_B, for the rest of the run, once the policy lets any part of the encoder train."""
@@ -253,58 +280,100 @@ class Trainer:
         return forward_loss(self.step_model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
                             use_features=bool(self.features))  # cached H_B, never once the encoder trains
 
+    def _update(self, accum: list[Batch], epoch: int, pos: EpochPosition) -> bool:
+        """One optimizer update over ``accum``; False when it was skipped (non-finite loss, out of memory)."""
+        ntok = sum(b.ntokens for b in accum)
+        if self.policy.unit == "step":
+            self._sync_policy(epoch)  # requires_grad for this update, before its forward passes
+        loss_sum, bad, oom = 0.0, None, False
+        try:
+            for b in accum:
+                loss, _ = self._forward_loss(b)
+                value = loss.item()
+                if not math.isfinite(value):
+                    bad = ("loss", value)
+                    break
+                (loss / ntok).backward()
+                loss_sum += value
+        except torch.cuda.OutOfMemoryError:
+            oom = True  # handled outside the except block, so that the failed batch's tensors can be freed
+        if oom:
+            self.guard.skip_oom(epoch, self.step, ntok, self.optimizer, self.device)
+            return False
+        if bad is None and self.cfg.optim.clip_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_norm))
+            if not math.isfinite(norm):
+                bad = ("gradient norm", norm)
+        if bad is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.guard.skip_nonfinite(bad[0], bad[1], epoch, self.step)  # raises after too many in a row
+            return False
+        self.policy.scale_lrs(self.optimizer, self.scheduler.get_last_lr())  # inverse sqrt x policy multiplier
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)  # frozen weights keep grad None (pitfall 2)
+        self.step += 1
+        self.policy.step = self.step  # the policy's position: the index of the next update
+        self.guard.ok()
+        pos.tot_loss += loss_sum
+        pos.tot_tokens += ntok
+        return True
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         t = self.cfg.trainer
         self.model.train()
         self._sync_policy(epoch, at_epoch_start=True)  # after train(): fully frozen modules go back to eval
-        per_step = self.policy.unit == "step"
-        self.train_loader.batch_sampler.set_epoch(epoch)
-        tot_loss = torch.zeros((), device=self.device)  # summed on the device: no host sync per step
-        tot_tokens = 0
+        sampler = self.train_loader.batch_sampler
+        pos, self._resume_pos = self._resume_pos or EpochPosition(), None
+        if pos.batches_done == 0:
+            self.guard.new_epoch()
+        sampler.set_epoch(epoch, skip=pos.batches_done)
+        n_batches = len(sampler.batches())
+        if pos.n_batches and pos.n_batches != n_batches:
+            raise CheckpointError(f"{self.resumed_from} was saved in an epoch of {pos.n_batches} batches, but this data "
+                                  f"gives {n_batches}: data or data.max_tokens changed; resume with the same settings")
+        pos.n_batches = n_batches
+        batches = iter(self.train_loader)  # creating it draws from torch's RNG
+        if self._resume_rng is not None:  # restore after that draw: the original run made it before its checkpoint
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
         accum: list[Batch] = []
-        start = time.perf_counter()
+        start = time.perf_counter() - pos.elapsed_s
         bar = None
         if t.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(self.train_loader), desc=f"{self.stage} epoch {epoch}", leave=False, dynamic_ncols=True)
-        for batch in self.train_loader:
+            bar = tqdm(total=n_batches, initial=pos.batches_done, desc=f"{self.stage} epoch {epoch}", leave=False,
+                       dynamic_ncols=True)
+        for batch in batches:
+            if t.max_steps and self.step >= t.max_steps:
+                break
+            pos.batches_done += 1
             accum.append(batch.to(self.device, non_blocking=True))
             if len(accum) < t.accum_steps:
                 continue
-            ntok = sum(b.ntokens for b in accum)
-            if per_step:
-                self._sync_policy(epoch)  # requires_grad for this update, before its forward passes
-            for b in accum:
-                loss, _ = self._forward_loss(b)
-                (loss / ntok).backward()
-                tot_loss += loss.detach()
-            tot_tokens += ntok
-            if self.cfg.optim.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_norm)
-            self.policy.scale_lrs(self.optimizer, self.scheduler.get_last_lr())  # inverse sqrt x policy multiplier
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)  # frozen weights keep grad None (pitfall 2)
-            self.step += 1
-            self.policy.step = self.step  # the policy's position: the index of the next update
+            stepped = self._update(accum, epoch, pos)
             accum = []
             if bar is not None:
                 bar.update(t.accum_steps)
-            if self.step % t.log_every == 0:  # the only host syncs of the loop
-                avg = tot_loss.item() / max(1, tot_tokens)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{avg:.3f}")
-                if self.writer is not None:
-                    self.writer.add_scalar("train/loss", avg, self.step)
-                    self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
-            if t.max_steps and self.step >= t.max_steps:
-                break
+                bar.set_postfix(loss=f"{pos.tot_loss / max(1, pos.tot_tokens):.3f}")
+            if stepped and self.writer is not None and self.step % t.log_every == 0:
+                self.writer.add_scalar("train/loss", pos.tot_loss / max(1, pos.tot_tokens), self.step)
+                self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+            saved = None
+            if stepped and t.save_every_steps and self.step % t.save_every_steps == 0:
+                pos.elapsed_s = time.perf_counter() - start
+                saved = self._save(epoch, pos)
+            if self.stop.requested:
+                pos.elapsed_s = time.perf_counter() - start
+                saved = saved or self._save(epoch, pos)
+                raise TrainingInterrupted(self.stop.signum, self.step, str(saved))
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
-        return {"train_loss": tot_loss.item() / max(1, tot_tokens), "epoch_time_s": elapsed,
-                "train_tokens": int(tot_tokens), "tokens_per_s": tot_tokens / max(elapsed, 1e-9)}
+        return {"train_loss": pos.tot_loss / max(1, pos.tot_tokens), "epoch_time_s": elapsed,
+                "train_tokens": int(pos.tot_tokens), "tokens_per_s": pos.tot_tokens / max(elapsed, 1e-9),
+                "skipped_nonfinite": self.guard.nonfinite, "skipped_oom": self.guard.oom}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -328,50 +397,93 @@ class Trainer:
 
     # -- the stage ---------------------------------------------------------------------------
     def fit(self) -> StageResult:
+        """Train the remaining epochs. SIGTERM / SIGINT: checkpoint at the next step boundary, then
+        :class:`TrainingInterrupted`."""
         t = self.cfg.trainer
-        result = StageResult(self.stage, self.ckpt_dir / "checkpoint_best.pt")
-        for epoch in range(self.start_epoch, t.max_epochs + 1):
-            if t.max_steps and self.step >= t.max_steps:
-                break
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            tr = self.train_epoch(epoch)
-            va = self.validate()
-            rec = {"stage": self.stage, "epoch": epoch, "step": self.step, **tr, **va,
-                   "lr": self.scheduler.get_last_lr()[0], "peak_mem_mb": round(peak_memory_mb(self.device), 1),
-                   **self.policy.report(self.model)}
-            result.epochs.append(rec)
-            append_jsonl(self.results, rec)
-            self._log_epoch(rec)
-            metric = va.get("valid_bleu", -va["valid_loss"])
-            improved = metric > self.best
-            self.best = max(self.best, metric)
-            payload = self._payload(epoch, metric)
-            save_checkpoint(self.ckpt_dir / "checkpoint_last.pt", payload)
-            if improved:
-                save_checkpoint(result.best_path, payload)
-            if t.max_steps and self.step >= t.max_steps:
-                break
-        if self.writer is not None:
-            self.writer.close()
+        result = StageResult(self.stage, self.ckpt_dir / BEST, list(self.past_epochs))
+        if self._resume_pos is None and self._resume_rng is not None:  # resumed at an epoch end
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
+        if t.tensorboard and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed stage drops the events logged after its checkpoint
+            self.writer = SummaryWriter(str(self.run_dir / "tb" / self.stage),
+                                        purge_step=self.step if self.resumed_from else None)
+        try:
+            with self.stop:
+                for epoch in range(self.start_epoch, t.max_epochs + 1):
+                    if t.max_steps and self.step >= t.max_steps and self._resume_pos is None:
+                        break
+                    self._run_epoch(epoch, result)
+                    if self.stop.requested:
+                        raise TrainingInterrupted(self.stop.signum, self.step, str(self.ckpt_dir / LAST))
+                    if t.max_steps and self.step >= t.max_steps:
+                        break
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
         return result
 
-    def _payload(self, epoch: int, metric: float) -> dict[str, Any]:
+    def _run_epoch(self, epoch: int, result: StageResult) -> None:
+        """Train, validate, record and checkpoint one epoch."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        tr = self.train_epoch(epoch)
+        va = self.validate()
+        rec = {"stage": self.stage, "epoch": epoch, "step": self.step, **tr, **va,
+               "lr": self.scheduler.get_last_lr()[0], "peak_mem_mb": round(peak_memory_mb(self.device), 1),
+               **self.policy.report(self.model)}
+        result.epochs.append(rec)
+        self._record(rec)
+        self._log_epoch(rec)
+        metric = va.get("valid_bleu", -va["valid_loss"])
+        improved = metric > self.best
+        self.best = max(self.best, metric)
+        self._save(epoch, EpochPosition(epoch_done=True), metric, best=improved)
+
+    def _save(self, epoch: int, pos: EpochPosition, metric: float = math.nan, best: bool = False) -> Path:
+        """The one place that writes checkpoints: a step checkpoint (+ ``checkpoint_last.pt``, rotation),
+        or at an epoch end ``checkpoint_last.pt`` (+ ``checkpoint_best.pt``). Returns the file written."""
+        payload = self._payload(epoch, pos, metric)
+        last = self.ckpt_dir / LAST
+        if pos.epoch_done:
+            save_checkpoint(last, payload)
+            if best:
+                link_checkpoint(last, self.ckpt_dir / BEST)
+            return last
+        path = step_checkpoint(self.ckpt_dir, epoch, self.step)
+        save_checkpoint(path, payload)
+        link_checkpoint(path, last)
+        rotate(self.ckpt_dir, self.cfg.trainer.keep_last)
+        return path
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        """The one place that appends to ``results.jsonl``."""
+        append_jsonl(self.results, rec)
+
+    def _payload(self, epoch: int, pos: EpochPosition, metric: float) -> dict[str, Any]:
         return {
+            "stage": self.stage,
             # the pretrained encoder is stored only when the policy ever trains part of it
             "model": model_weights(self.model, include_bert=self.policy.may_train(self.model, "bert.")),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch, "step": self.step, "metric": float(metric), "best_metric": float(self.best),
+            "position": asdict(pos), "guard": self.guard.state_dict(),
+            "sampler": {"seed": self.cfg.trainer.seed, "epoch": epoch},
             "freeze": self.policy.state_dict(), "rng": rng_state(), "meta": self.meta,
         }
 
     def _log_epoch(self, rec: dict[str, Any]) -> None:
         bleu = f" valid BLEU {rec['valid_bleu']:.2f} |" if "valid_bleu" in rec else ""
+        skipped = (f" | skipped: {rec['skipped_nonfinite']} non-finite, {rec['skipped_oom']} out of memory"
+                   if rec["skipped_nonfinite"] or rec["skipped_oom"] else "")
         log.info(
-            "[%s] epoch %d | %.1f s | %.0f tok/s | train loss %.3f | valid loss %.3f ppl %.2f |%s trainable %s/%s | peak mem %.0f MB",
+            "[%s] epoch %d | %.1f s | %.0f tok/s | train loss %.3f | valid loss %.3f ppl %.2f |%s trainable %s/%s | peak mem %.0f MB%s",
             self.stage, rec["epoch"], rec["epoch_time_s"], rec["tokens_per_s"], rec["train_loss"], rec["valid_loss"],
-            rec["valid_ppl"], bleu, f"{rec['trainable_params']:,}", f"{rec['total_params']:,}", rec["peak_mem_mb"],
+            rec["valid_ppl"], bleu, f"{rec['trainable_params']:,}", f"{rec['total_params']:,}", rec["peak_mem_mb"], skipped,
         )
         if self.writer is not None:
             for k in ("train_loss", "valid_loss", "valid_ppl", "valid_bleu", "tokens_per_s", "epoch_time_s", "peak_mem_mb"):

@@ -1,29 +1,37 @@
-"""Train a model: ``python scripts/train.py +exp=frozen_bert`` (see conf/exp/ for the recipes)."""
+"""Train a model: ``python scripts/train.py +exp=frozen_bert`` (see conf/exp/ for the recipes).
+
+A mistake in the command line, the config or the data is one ``error: ...`` line on stderr and exit
+code 2; SIGTERM / SIGINT save a checkpoint and exit with 143 / 130; rerunning the same command resumes.
+"""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from bertnmt.cli import check_command_line, exit_code
 from bertnmt.config import register_configs, to_config
-from bertnmt.errors import BertNMTError
-from bertnmt.pipeline import run
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
+    from bertnmt.pipeline import run  # torch and the model load only after the command line was checked
+
     cfg = to_config(dcfg)
     cfg.output_dir = HydraConfig.get().runtime.output_dir
-    try:
-        run(cfg)
-    except BertNMTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    code = exit_code(lambda: run(cfg))
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
+    code = exit_code(lambda: check_command_line(CONF, sys.argv[1:]))
+    if code:
+        raise SystemExit(code)
     main()

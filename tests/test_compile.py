@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from bertnmt.config import FreezeConfig
-from test_features import fake_data, make_trainer  # noqa: F401  (the bert_path fixture comes along)
-from test_features import bert_path  # noqa: F401
+from test_features import bert_path, fake_data, make_trainer  # noqa: F401  (bert_path: the fixture)
 
 
 @pytest.mark.slow

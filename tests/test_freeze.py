@@ -426,7 +426,7 @@ def test_resume_mid_schedule_is_exact(bert_path: str, tmp_path: Path, freeze: Fr
 
 
 def test_dry_run_prints_the_table_without_data(bert_path: str, tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "scripts/train.py", "+exp=unfreeze_bert", "freeze.dry_run=true", "model=tiny",
            f"bert.path={bert_path}", "trainer.max_epochs=3", f"data.cache_dir={tmp_path / 'cache'}",
            f"hydra.run.dir={tmp_path / 'run'}"]

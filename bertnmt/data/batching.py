@@ -21,7 +21,8 @@ class TokenBatchSampler(Sampler[list[int]]):
 
     ``shuffle=True``: length ties are broken by a permutation drawn from (seed, epoch) and the
     batch order is shuffled with the same generator. ``shuffle=False``: batches in length order.
-    A single sentence wider than ``max_tokens`` forms a batch of its own.
+    A single sentence wider than ``max_tokens`` forms a batch of its own. ``set_epoch(epoch, skip=k)``
+    leaves out the epoch's first ``k`` batches (a resumed epoch continues with the same remaining batches).
     """
 
     def __init__(
@@ -50,13 +51,17 @@ class TokenBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self.skip = 0  # batches of the epoch already consumed (a resumed epoch)
         self._batches: list[list[int]] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the (deterministic) order of epoch ``epoch``."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the (deterministic) order of epoch ``epoch``; iteration starts after its first ``skip`` batches."""
+        if skip < 0:
+            raise ValueError(f"skip={skip} must be >= 0")
         if epoch != self.epoch:
             self.epoch = epoch
             self._batches = None
+        self.skip = skip
 
     def batches(self) -> list[list[int]]:
         """The batches of the current epoch (computed once per epoch)."""
@@ -86,7 +91,8 @@ class TokenBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        return iter(self.batches()[self.skip :])
 
     def __len__(self) -> int:
-        return len(self.batches())
+        """The number of batches an iteration yields (the epoch's, less the skipped ones)."""
+        return max(0, len(self.batches()) - self.skip)

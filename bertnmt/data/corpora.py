@@ -208,7 +208,10 @@ def _read_parallel(src: Path, tgt: Path) -> tuple[Pairs, int]:
     src_lines, tgt_lines = read_lines(src), read_lines(tgt)
     if len(src_lines) != len(tgt_lines):
         raise DataError(f"line counts differ: {src} has {len(src_lines)} lines, {tgt} has {len(tgt_lines)}")
-    return _drop_empty(src_lines, tgt_lines)
+    pairs, empty = _drop_empty(src_lines, tgt_lines)
+    if not pairs[0]:
+        raise DataError(f"{src} and {tgt} hold no sentence pairs ({len(src_lines)} lines, all empty on one side or both)")
+    return pairs, empty
 
 
 def _drop_empty(src_lines: list[str], tgt_lines: list[str]) -> tuple[Pairs, int]:
@@ -232,6 +235,8 @@ def _read_tsv(path: Path, langs: tuple[str, ...], cfg: DataConfig) -> tuple[dict
             col.append(value)
     src_col, tgt_col = columns[langs.index(cfg.src_lang)], columns[langs.index(cfg.tgt_lang)]
     (src, tgt), empty = _drop_empty(src_col, tgt_col)
+    if not src:
+        raise DataError(f"{path} holds no sentence pairs")
     n_held = cfg.valid_size + cfg.test_size
     if cfg.valid_size < 0 or cfg.test_size < 0 or n_held >= len(src):
         raise ConfigError(

@@ -76,7 +76,7 @@ def _check(cfg: DataConfig) -> None:
         raise ConfigError(f"data.max_len={cfg.max_len} must be at least 1")
     for split in SPLITS:
         limit = getattr(cfg, f"{split}_limit")
-        if limit is not None and limit < (1 if split == "train" else 0):
+        if limit is not None and limit < (0 if split == "test" else 1):  # training and validation need a pair
             raise ConfigError(f"data.{split}_limit={limit} is too small")
 
 
@@ -155,6 +155,9 @@ def _log_report(cfg: DataConfig, data: PreparedData) -> None:
         cfg.corpus, cfg.src_lang, cfg.tgt_lang, data.dir, r["pairs"], r["dropped_empty"],
         r["dropped_too_long"], r["cut_by_limit"], r["vocab_size"],
     )
+    if sum(r["dropped_too_long"].values()):
+        logger.warning("%d training pairs longer than data.max_len=%d pieces were dropped",
+                       sum(r["dropped_too_long"].values()), cfg.max_len)
     for split in ("valid", "test"):
         if r["pairs"][split] == 0:
             logger.warning("the %s split of %s is empty", split, cfg.corpus)

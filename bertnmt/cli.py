@@ -1,0 +1,122 @@
+"""What the entry points share: checking the command line before Hydra starts a run, and turning
+every user mistake, interruption or full disk into one line on stderr and an exit code.
+
+``check_command_line`` composes the config exactly as Hydra will (overrides, groups, schema types)
+and checks that the run folder can be created, so that an unknown key or group option, a bad value
+or an unwritable ``hydra.run.dir`` is one ``error: ...`` line, with no run folder left behind (Hydra's
+own report of these is several lines, or a traceback). It imports neither torch nor the model.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from bertnmt.errors import BertNMTError, ConfigError, TrainingInterrupted
+
+_NOISE = ("full_key:", "reference_type=", "object_type=", "See https://", "Set the environment variable HYDRA_FULL_ERROR")
+
+
+def one_line(exc: BaseException) -> str:
+    """A Hydra / OmegaConf exception (and its cause) as one line, without the key-path and search-path noise."""
+    parts: list[str] = []
+    options: list[str] = []
+    keys: list[str] = []
+    skip = False
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        for line in str(e).splitlines():
+            text = line.strip()
+            if text.startswith("full_key:") and text[9:].strip():
+                keys.append(text[9:].strip())
+            if not text or text.startswith(_NOISE):
+                continue
+            if text.startswith("Config search path"):
+                skip = True
+            elif line.startswith("\t") and options and not skip:
+                options.append(text)
+            elif not line.startswith("\t"):
+                skip = False
+                if text.startswith("Available options"):
+                    options = [text.rstrip(":") + ":"]
+                else:
+                    parts.append(text.rstrip("."))
+        if options:
+            parts.append(options[0] + " " + ", ".join(options[1:]))
+            options = []
+        e = e.__cause__
+    out = "; ".join(parts) or type(exc).__name__
+    missing = [k for k in dict.fromkeys(keys) if k not in out]
+    return out + (f" (key {', '.join(missing)})" if missing else "")
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """``folder`` exists as a writable folder or can be created (its nearest existing ancestor is one)."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}={folder}: cannot create the output folder, {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={folder}: cannot create the output folder, {probe} is not writable")
+
+
+def check_command_line(conf_dir: Path, argv: list[str], config_name: str = "config") -> None:
+    """Compose ``argv``'s overrides like Hydra will; a ConfigError names the key, value or option at fault.
+
+    Command lines with Hydra flags (``--multirun``, ``--cfg``, ``--help``, ...) are left to Hydra.
+    """
+    if any(a.startswith("-") for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from bertnmt.config import register_configs, to_config
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=Path(sys.argv[0]).stem):
+            dcfg = compose(config_name, overrides=argv, return_hydra_config=True)
+        run_dir = OmegaConf.select(dcfg, "hydra.run.dir", throw_on_resolution_failure=False)
+        with open_dict(dcfg):
+            del dcfg["hydra"]
+        to_config(dcfg)  # types and values against the schema
+    except BertNMTError:
+        raise
+    except Exception as e:  # Hydra's and OmegaConf's many exception types
+        raise ConfigError(one_line(e)) from None
+    if isinstance(run_dir, str):
+        check_writable(Path(run_dir), "hydra.run.dir")
+
+
+def exit_code(fn: Callable[[], object]) -> int:
+    """Run ``fn``; a user mistake, an interruption or a full disk is one line on stderr and an exit code.
+
+    BertNMTError -> ``error: ...``, 2. TrainingInterrupted (SIGTERM / SIGINT) -> its message, 128 + the
+    signal. A second Ctrl-C -> 130. No space left on device -> 2. Anything else is a bug: a traceback.
+    """
+    try:
+        fn()
+    except BertNMTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("error: interrupted without saving; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on device while writing {e.filename or 'an output file'}; free some space and "
+              "rerun the same command to resume", file=sys.stderr)
+        return 2
+    return 0
