@@ -47,7 +47,7 @@ class BenchSpec:
     max_tokens: int = 2048
     steps: int = 12  # timed optimizer updates per training variant
     warmup: int = 3  # untimed updates first
-    decode_sents: int = 192
+    decode_sents: int = 480
     decode_len: int = 16  # every hypothesis is forced to this many tokens (+ eos)
     beam: int = 5
     device: str = "cpu"

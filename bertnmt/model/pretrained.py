@@ -85,6 +85,9 @@ class PretrainedEncoder(nn.Module):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"bert.path={cfg.path!r}: cannot load a pretrained encoder: {first}") from err
         self.model = model
+        # The files the weights came from: their hash identifies the weights without reading the (memory-mapped)
+        # tensors into this process's memory. Whoever replaces or re-initialises ``self.model`` must clear it.
+        self.weight_files: list[Path] = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
         self.hidden_size: int = int(model.config.hidden_size)
         n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
         if n_layers and not -(n_layers + 1) <= cfg.layer <= n_layers:
