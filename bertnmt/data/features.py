@@ -165,7 +165,10 @@ def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: 
         return None
     splits = {n: s for n, s in data.splits.items() if s.enc_ids is not None}
     size = estimate_bytes(splits, int(encoder.hidden_size))
-    folder = data.dir / f"features-{feature_key(encoder_sha256, getattr(encoder, 'layer', -1), splits)}"
+    # what the encoder's forward returns: its layer, or the random control's vectors (bertnmt.model.pretrained)
+    what_out = (f"layer={getattr(encoder, 'layer', -1)}|random_features={getattr(encoder, 'random_features', False)}"
+                f"|seed={getattr(encoder, 'random_seed', 0)}")
+    folder = data.dir / f"features-{feature_key(encoder_sha256, what_out, splits)}"
     n_sent = sum(len(s) for s in splits.values())
     what = f"{n_sent:,} sentences x {int(encoder.hidden_size)} fp16 = {size / 2**20:,.0f} MB"
     if not folder.is_dir():

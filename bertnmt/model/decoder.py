@@ -1,4 +1,5 @@
-"""The NMT decoder with BERT-fused layers (paper section 4, eq. 3) and its incremental state."""
+"""The NMT decoder with BERT-fused layers (paper section 4, eq. 3) and its incremental state, and its
+ablation variants (section 6: stacked instead of averaged, fusion in a subset of layers)."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from bertnmt.config import ModelConfig
 from bertnmt.model.fusion import BertAttention, drop_net_weights
 from bertnmt.model.layers import KV, FeedForward, KVCache, MultiheadAttention, SinusoidalPositions
+from bertnmt.model.variants import fused_layer_ids
 
 
 @dataclass
@@ -86,19 +88,26 @@ class FusedDecoderLayer(nn.Module):
     Pre-LN (option) applies each LN to the branch input instead, plus ``decoder.final_ln``.
     (w1, w2) come from :func:`drop_net_weights` (always (0.5, 0.5) at inference); a branch
     whose weight is 0 is not computed.
+
+    ``model.fusion_combine=stacked`` (ablation, paper section 6): encoder-decoder attention, then
+    BERT attention, each with its own residual and LayerNorm (``bert_attn_ln``), no drop-net.
+    ``enc_dim``: the width of the encoder output when it is not ``d_model`` (``model.bert_input=replace``:
+    the pretrained encoder is the NMT encoder).
     """
 
-    def __init__(self, cfg: ModelConfig, bert_dim: int | None = None):
+    def __init__(self, cfg: ModelConfig, bert_dim: int | None = None, enc_dim: int | None = None):
         super().__init__()
         C = cfg.d_model
         self.pre_ln, self.dropout, self.drop_net = cfg.pre_ln, cfg.dropout, cfg.drop_net
         self.self_attn = MultiheadAttention(C, cfg.heads, dropout=cfg.attn_dropout)
         self.self_attn_ln = nn.LayerNorm(C)
-        self.cross_attn = MultiheadAttention(C, cfg.heads, dropout=cfg.attn_dropout)
+        self.cross_attn = MultiheadAttention(C, cfg.heads, kdim=enc_dim, dropout=cfg.attn_dropout)
         self.cross_attn_ln = nn.LayerNorm(C)
         self.bert_attn = (
             BertAttention(C, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
         )
+        self.stacked = bool(bert_dim) and cfg.fusion_combine == "stacked"
+        self.bert_attn_ln = nn.LayerNorm(C) if self.stacked else None
         self.ffn = FeedForward(C, cfg.ffn_dim, cfg.dropout, cfg.act_dropout)
         self.ffn_ln = nn.LayerNorm(C)
 
@@ -123,21 +132,29 @@ class FusedDecoderLayer(nn.Module):
         x = y if pre else self.self_attn_ln(y)  # (B, T, C)
 
         # 2. encoder-decoder attention ‖ BERT attention, mixed by drop-net
-        if self.bert_attn is not None:
-            if bert_out is None and bert_kv is None:
-                raise ValueError("this decoder layer is BERT-fused: pass bert_out (H_B)")
-            w1, w2 = drop_net_weights(self.drop_net, self.training)
+        if self.bert_attn is not None and bert_out is None and bert_kv is None:
+            raise ValueError("this decoder layer is BERT-fused: pass bert_out (H_B)")
+        if self.stacked:  # ablation: encoder-decoder attention, then BERT attention, each a residual sublayer
+            h = self.cross_attn_ln(x) if pre else x
+            y = x + self._drop(self.cross_attn(h, enc_out, key_padding_mask=src_pad, static_kv=cross_kv))
+            x = y if pre else self.cross_attn_ln(y)
+            h = self.bert_attn_ln(x) if pre else x
+            y = x + self._drop(self.bert_attn(h, bert_out, key_padding_mask=bert_pad, static_kv=bert_kv))
+            x = y if pre else self.bert_attn_ln(y)  # (B, T, C)
         else:
-            w1, w2 = 1.0, 0.0
-        h = self.cross_attn_ln(x) if pre else x
-        y = x
-        if w1 != 0.0:
-            a = self.cross_attn(h, enc_out, key_padding_mask=src_pad, static_kv=cross_kv)
-            y = y + w1 * self._drop(a)
-        if w2 != 0.0:
-            a = self.bert_attn(h, bert_out, key_padding_mask=bert_pad, static_kv=bert_kv)
-            y = y + w2 * self._drop(a)
-        x = y if pre else self.cross_attn_ln(y)  # (B, T, C)
+            if self.bert_attn is not None:
+                w1, w2 = drop_net_weights(self.drop_net, self.training)
+            else:
+                w1, w2 = 1.0, 0.0
+            h = self.cross_attn_ln(x) if pre else x
+            y = x
+            if w1 != 0.0:
+                a = self.cross_attn(h, enc_out, key_padding_mask=src_pad, static_kv=cross_kv)
+                y = y + w1 * self._drop(a)
+            if w2 != 0.0:
+                a = self.bert_attn(h, bert_out, key_padding_mask=bert_pad, static_kv=bert_kv)
+                y = y + w2 * self._drop(a)
+            x = y if pre else self.cross_attn_ln(y)  # (B, T, C)
 
         # 3. FFN
         if pre:
@@ -152,13 +169,16 @@ class Decoder(nn.Module):
     the whole model). Full teacher-forced pass when ``state`` is None, else one incremental step.
     """
 
-    def __init__(self, cfg: ModelConfig, bert_dim: int | None = None):
+    def __init__(self, cfg: ModelConfig, bert_dim: int | None = None, enc_dim: int | None = None):
         super().__init__()
         self.dropout = cfg.dropout
         self.embed_scale = math.sqrt(cfg.d_model)
         self.positions = SinusoidalPositions(cfg.d_model, cfg.max_positions)
         fuse = bert_dim if cfg.fused and cfg.fuse_decoder else None
-        self.layers = nn.ModuleList(FusedDecoderLayer(cfg, fuse) for _ in range(cfg.dec_layers))
+        which = fused_layer_ids(cfg.fuse_layers, cfg.dec_layers)  # model.fuse_layers: all | first:K | last:K
+        self.layers = nn.ModuleList(
+            FusedDecoderLayer(cfg, fuse if i in which else None, enc_dim) for i in range(cfg.dec_layers)
+        )
         self.final_ln = nn.LayerNorm(cfg.d_model) if cfg.pre_ln else None
 
     def init_state(

@@ -1,4 +1,5 @@
-"""The NMT encoder with BERT-fused layers (paper section 4, eq. 1)."""
+"""The NMT encoder with BERT-fused layers (paper section 4, eq. 1), and its ablation variants
+(section 6: stacked instead of averaged, fusion in a subset of layers)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 from bertnmt.config import ModelConfig
 from bertnmt.model.fusion import BertAttention, drop_net_weights
 from bertnmt.model.layers import FeedForward, MultiheadAttention, SinusoidalPositions
+from bertnmt.model.variants import fused_layer_ids
 
 
 class FusedEncoderLayer(nn.Module):
@@ -23,6 +25,10 @@ class FusedEncoderLayer(nn.Module):
 
     (w1, w2) come from :func:`drop_net_weights`; a branch whose weight is 0 is not computed.
     Without ``bert_attn`` (``bert_dim=None``) this is a plain Transformer layer (w1 = 1).
+
+    ``model.fusion_combine=stacked`` (ablation, paper section 6) runs the two attentions one after
+    the other instead, each with its own residual and LayerNorm (``bert_attn_ln``), no drop-net:
+        x = LN(x + drop(SelfAttn(x)));  x = LN_b(x + drop(BertAttn(x, H_B)));  x = LN(x + drop(FFN(x)))
     """
 
     def __init__(self, cfg: ModelConfig, bert_dim: int | None = None):
@@ -34,8 +40,16 @@ class FusedEncoderLayer(nn.Module):
         self.bert_attn = (
             BertAttention(C, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
         )
+        self.stacked = bool(bert_dim) and cfg.fusion_combine == "stacked"
+        self.bert_attn_ln = nn.LayerNorm(C) if self.stacked else None
         self.ffn = FeedForward(C, cfg.ffn_dim, cfg.dropout, cfg.act_dropout)
         self.ffn_ln = nn.LayerNorm(C)
+
+    def _sublayer(self, x: Tensor, ln: nn.Module, fn) -> Tensor:
+        """One residual sublayer, post-LN ``LN(x + drop(fn(x)))`` or pre-LN ``x + drop(fn(LN(x)))``."""
+        if self.pre_ln:
+            return x + F.dropout(fn(ln(x)), self.dropout, self.training)
+        return ln(x + F.dropout(fn(x), self.dropout, self.training))
 
     def forward(
         self,
@@ -44,21 +58,24 @@ class FusedEncoderLayer(nn.Module):
         bert_out: Tensor | None = None,  # (B, E, Hb)
         bert_pad: Tensor | None = None,  # (B, E) bool, True = pad
     ) -> Tensor:
-        if self.bert_attn is not None:
-            if bert_out is None:
-                raise ValueError("this encoder layer is BERT-fused: pass bert_out (H_B)")
-            w1, w2 = drop_net_weights(self.drop_net, self.training)
+        if self.bert_attn is not None and bert_out is None:
+            raise ValueError("this encoder layer is BERT-fused: pass bert_out (H_B)")
+        if self.stacked:  # ablation: self-attention, then BERT attention, each a residual sublayer
+            x = self._sublayer(x, self.self_attn_ln, lambda h: self.self_attn(h, key_padding_mask=src_pad))
+            x = self._sublayer(x, self.bert_attn_ln, lambda h: self.bert_attn(h, bert_out, key_padding_mask=bert_pad))
         else:
-            w1, w2 = 1.0, 0.0
-
-        h = self.self_attn_ln(x) if self.pre_ln else x
-        y = x
-        if w1 != 0.0:
-            y = y + w1 * F.dropout(self.self_attn(h, key_padding_mask=src_pad), self.dropout, self.training)
-        if w2 != 0.0:
-            a = self.bert_attn(h, bert_out, key_padding_mask=bert_pad)
-            y = y + w2 * F.dropout(a, self.dropout, self.training)
-        x = y if self.pre_ln else self.self_attn_ln(y)  # (B, S, C)
+            if self.bert_attn is not None:
+                w1, w2 = drop_net_weights(self.drop_net, self.training)
+            else:
+                w1, w2 = 1.0, 0.0
+            h = self.self_attn_ln(x) if self.pre_ln else x
+            y = x
+            if w1 != 0.0:
+                y = y + w1 * F.dropout(self.self_attn(h, key_padding_mask=src_pad), self.dropout, self.training)
+            if w2 != 0.0:
+                a = self.bert_attn(h, bert_out, key_padding_mask=bert_pad)
+                y = y + w2 * F.dropout(a, self.dropout, self.training)
+            x = y if self.pre_ln else self.self_attn_ln(y)  # (B, S, C)
 
         if self.pre_ln:
             return x + self.ffn(self.ffn_ln(x))
@@ -77,7 +94,10 @@ class Encoder(nn.Module):
         self.embed_scale = math.sqrt(cfg.d_model)
         self.positions = SinusoidalPositions(cfg.d_model, cfg.max_positions)
         fuse = bert_dim if cfg.fused and cfg.fuse_encoder else None
-        self.layers = nn.ModuleList(FusedEncoderLayer(cfg, fuse) for _ in range(cfg.enc_layers))
+        which = fused_layer_ids(cfg.fuse_layers, cfg.enc_layers)  # model.fuse_layers: all | first:K | last:K
+        self.layers = nn.ModuleList(
+            FusedEncoderLayer(cfg, fuse if i in which else None) for i in range(cfg.enc_layers)
+        )
         self.final_ln = nn.LayerNorm(cfg.d_model) if cfg.pre_ln else None
 
     def forward(

@@ -1,4 +1,5 @@
-"""The whole BERT-fused NMT model (paper section 4): embeddings, encoder, decoder, output layer."""
+"""The whole BERT-fused NMT model (paper section 4): embeddings, encoder, decoder, output layer;
+and the ways H_B can enter it in the ablations (``model.bert_input``, ``bert.layer_mix``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,9 @@ from torch import Tensor, nn
 from bertnmt.config import ModelConfig
 from bertnmt.model.decoder import Decoder, DecoderState
 from bertnmt.model.encoder import Encoder
+from bertnmt.model.layer_mix import LayerMix
 from bertnmt.model.pretrained import PretrainedEncoder
+from bertnmt.model.variants import check_model_config
 
 
 @dataclass
@@ -29,21 +32,41 @@ class BertFusedTransformer(nn.Module):
     ``bert_attn`` modules and no ``bert``. All other parameter names are identical, so a plain
     state dict loads into a fused model with ``strict=False`` and only ``*.bert_attn.*`` and
     ``bert.*`` keys missing.
+
+    Ablation variants (paper sections 3 and 6), all with ``fused=True``:
+
+    * ``model.bert_input=embedding`` (feature-based): ``bert_proj`` (Linear H -> C) maps H_B to the NMT
+      encoder's input embeddings; the encoder runs over the pretrained encoder's tokens; no BERT attention.
+    * ``model.bert_input=replace``: no NMT encoder (``encoder`` is None); the decoder attends to H_B
+      (cross-attention key width H); no BERT attention. Fine-tune the encoder (``freeze=finetune``).
+    * ``bert.layer_mix=true``: H_B = ``bert_mix`` (a trainable :class:`LayerMix`) of all hidden states.
+
+    The NMT modules a plain Transformer lacks (``bert_attn``, ``bert_attn_ln``, ``bert_mix``, ``bert_proj``)
+    form the report group "fusion" (:func:`bertnmt.freeze_rules.param_group`); a warm start may leave them new.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, bert: PretrainedEncoder | None):
         super().__init__()
+        check_model_config(cfg)
         self.cfg, self.vocab_size, self.pad_id = cfg, vocab_size, pad_id
-        self.uses_bert = cfg.fused and (cfg.fuse_encoder or cfg.fuse_decoder)
+        self.bert_input = cfg.bert_input if cfg.fused else "fused"
+        self.uses_bert = cfg.fused and (cfg.fuse_encoder or cfg.fuse_decoder or self.bert_input != "fused")
         if self.uses_bert and bert is None:
             raise ValueError("model.fused=true needs a PretrainedEncoder (bert)")
         self.bert = bert if self.uses_bert else None
-        bert_dim = bert.hidden_size if self.bert is not None else None
+        H = bert.hidden_size if self.bert is not None else None
+        bert_dim = H if self.bert_input == "fused" else None  # the width of BERT attention's keys, or no fusion
+        self.bert_mix = LayerMix(bert.n_states) if self.bert is not None and bert.layer_mix else None
 
         C = cfg.d_model
         self.embed_tokens = self._embedding(vocab_size, C, pad_id)
-        self.encoder = Encoder(cfg, bert_dim)
-        self.decoder = Decoder(cfg, bert_dim)
+        self.bert_proj = None
+        if self.bert_input == "embedding":  # H_B -> input embeddings, scaled like token embeddings (std C^-0.5)
+            self.bert_proj = nn.Linear(H, C)
+            nn.init.normal_(self.bert_proj.weight, mean=0.0, std=(H * C) ** -0.5)
+            nn.init.zeros_(self.bert_proj.bias)
+        self.encoder = Encoder(cfg, bert_dim) if self.bert_input != "replace" else None
+        self.decoder = Decoder(cfg, bert_dim, enc_dim=H if self.bert_input == "replace" else None)
         if cfg.share_embeddings:
             self.decoder_embed_tokens = None
             self.output_projection = None
@@ -60,10 +83,18 @@ class BertFusedTransformer(nn.Module):
         return emb
 
     # ------------------------------------------------------------------ encoder side
+    @property
+    def features_cacheable(self) -> bool:
+        """Whether H_B depends on the pretrained encoder's weights alone (no trainable ``bert_mix``): then,
+        while the freeze policy keeps the encoder frozen, H_B can be computed once per sentence and cached."""
+        return self.bert is not None and self.bert_mix is None
+
     def bert_features(self, enc_ids: Tensor, enc_mask: Tensor) -> tuple[Tensor, Tensor]:
         """H_B (B, E, Hb) from the pretrained encoder, and its padding mask (B, E) True = pad."""
         if self.bert is None:
             raise ValueError("this model is not BERT-fused")
+        if self.bert_mix is not None:
+            return self.bert_mix(self.bert.all_layers(enc_ids, enc_mask)), enc_mask.eq(0)
         return self.bert(enc_ids, enc_mask), enc_mask.eq(0)
 
     def encode(
@@ -73,7 +104,11 @@ class BertFusedTransformer(nn.Module):
         enc_mask: Tensor | None = None,  # (B, E) 1 = real
         bert_out: tuple[Tensor, Tensor] | None = None,  # precomputed (H_B, bert_pad)
     ) -> EncoderOut:
-        """Run BERT (when fused) and the NMT encoder (paper eq. 1)."""
+        """Run BERT (when fused) and the NMT encoder (paper eq. 1).
+
+        bert_input=embedding / replace: the decoder's memory is over the pretrained encoder's tokens
+        (``src_pad`` is then its padding mask (B, E)) and there is no H_B for BERT attention.
+        """
         src_pad = src.eq(self.pad_id)  # (B, S)
         h_b = b_pad = None
         if self.uses_bert:
@@ -83,6 +118,11 @@ class BertFusedTransformer(nn.Module):
                 raise ValueError("a BERT-fused model needs enc_ids and enc_mask (or bert_out)")
             else:
                 h_b, b_pad = self.bert_features(enc_ids, enc_mask)
+        if self.bert_input == "embedding":  # feature-based (paper section 3): H_B as input embeddings
+            enc_out = self.encoder(self.bert_proj(h_b), b_pad)  # (B, E, C)
+            return EncoderOut(enc_out, b_pad)
+        if self.bert_input == "replace":  # the pretrained encoder is the NMT encoder (paper section 3)
+            return EncoderOut(h_b, b_pad)  # (B, E, H)
         enc_out = self.encoder(self.embed_tokens(src), src_pad, h_b, b_pad)  # (B, S, C)
         return EncoderOut(enc_out, src_pad, h_b, b_pad)
 

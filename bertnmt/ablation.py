@@ -1,0 +1,269 @@
+"""The paper's ablation table as one command: its rows, and running them (paper sections 3 and 6).
+
+Every row is an experiment config, ``conf/exp/ablation/<row>.yaml``. :func:`run_ablation` runs the
+chosen rows (all by default) through one Hydra multirun of ``scripts/train.py`` per seed (or in this
+process, ``launcher="inprocess"``), each into ``<out>/<row>/seed<k>/``. All rows share the prepared
+data cache and, for the rows that warm-start, one cached plain baseline (``pipeline.ensure_baseline``,
+keyed by ``pipeline.baseline_key``, which leaves out every fusion-only setting; checked here before
+anything runs). A row with a ``summary.json`` is finished and skipped on the next call (resumable);
+an unfinished row folder is removed and the row runs again. The report (``ablations.md`` and
+``ablations.png``) is built by :mod:`bertnmt.ablation_report`.
+
+Budget (what a reader of the table expects, so that no row wins by training longer): with
+``warm_start.max_epochs = B`` and ``trainer.max_epochs = F``,
+
+* warm-started rows train the shared B-epoch baseline, then F epochs of their own model;
+* the Transformer row continues the same baseline for F epochs (plain), B + F in all;
+* the from-scratch rows (no warm start, the replaced and feature-based encoders, the 12/18-layer
+  Transformers) train for B + F epochs (``warm_start.scratch_budget=total``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from bertnmt.config import Config, register_configs, to_config
+from bertnmt.errors import BertNMTError, ConfigError
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
+TRAIN_SCRIPT = PROJECT_ROOT / "scripts" / "train.py"
+PAPER_TRANSFORMER = 28.57  # the paper's Transformer on IWSLT'14 En->De: the reference of its deltas
+LAUNCHERS = ("multirun", "inprocess")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: ``conf/exp/ablation/<name>.yaml``.
+
+    init: how the row's NMT part starts: "baseline" (warm start from the shared cached baseline),
+    "continued" (the plain model continues that baseline) or "scratch" (trained from scratch for the
+    baseline's and the fused stage's epochs together).
+    """
+
+    name: str
+    label: str
+    paper_bleu: Optional[float]  # IWSLT'14 En->De BLEU from the paper (as quoted in issue 6), None if not given
+    init: str
+
+    @property
+    def exp(self) -> str:
+        return f"ablation/{self.name}"
+
+    @property
+    def paper_delta(self) -> Optional[float]:
+        return None if self.paper_bleu is None else round(self.paper_bleu - PAPER_TRANSFORMER, 2)
+
+
+def _rows() -> tuple[Row, ...]:
+    rows = [
+        Row("transformer", "Transformer (no pretrained encoder)", 28.57, "continued"),
+        Row("fused", "BERT-fused: frozen, drop-net 1.0, warm start", 30.45, "baseline"),
+        Row("no_warm_start", "no warm start (NMT part from scratch)", 27.03, "scratch"),
+        Row("finetune", "pretrained encoder tuned jointly", 28.87, "baseline"),
+        Row("bert_init_encoder", "pretrained encoder replaces the NMT encoder, fine-tuned", 27.14, "scratch"),
+        Row("feature_based", "encoder output as the NMT encoder's input embeddings", 29.67, "scratch"),
+        Row("no_enc_bert_attn", "no BERT-encoder attention (decoder fusion only)", 29.87, "baseline"),
+        Row("no_dec_bert_attn", "no BERT-decoder attention (encoder fusion only)", 29.90, "baseline"),
+        Row("stacked", "stacked instead of averaged attentions", 29.35, "baseline"),
+        Row("transformer_12l", "Transformer, 12-layer encoder", 29.27, "scratch"),
+        Row("transformer_18l", "Transformer, 18-layer encoder", 28.92, "scratch"),
+    ]
+    rows += [Row(f"dropnet_0{k}", f"drop-net p_net = 0.{k}", None, "baseline") for k in (0, 2, 4, 6, 8)]
+    rows += [Row(f"layer_{k}", f"encoder layer {k} feeds the fusion", None, "baseline") for k in range(1, 6)]
+    rows += [
+        Row("layer_mix", "learned softmax mix of all encoder layers", None, "baseline"),
+        Row("fuse_first_3", "BERT attention in the first 3 layers only", None, "baseline"),
+        Row("fuse_last_3", "BERT attention in the last 3 layers only", None, "baseline"),
+        Row("random_features", "control: random vectors instead of H_B", None, "baseline"),
+        Row("random_encoder", "control: randomly initialised encoder, frozen", None, "baseline"),
+    ]
+    return tuple(rows)
+
+
+ROWS: tuple[Row, ...] = _rows()
+ROW_BY_NAME: dict[str, Row] = {r.name: r for r in ROWS}
+
+
+def select_rows(names: str | Sequence[str] | None = None) -> list[Row]:
+    """Rows by name (``"a,b"`` or a list), in table order; None or "all" = every row."""
+    if names is None or names == "all":
+        return list(ROWS)
+    wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    unknown = [n for n in wanted if n not in ROW_BY_NAME]
+    if unknown:
+        raise ConfigError(f"--rows: unknown row(s) {', '.join(unknown)} (known: {', '.join(ROW_BY_NAME)})")
+    if not wanted:
+        raise ConfigError("--rows is empty")
+    return [r for r in ROWS if r.name in wanted]
+
+
+def parse_seeds(text: str | None) -> Optional[list[int]]:
+    """``"1,2,3"`` -> [1, 2, 3]; None -> None (the config's ``trainer.seed``)."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds={text!r} is not a comma-separated list of integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds={text!r}: give distinct integers, e.g. 1,2,3")
+    return seeds
+
+
+def row_dir(out: Path, row: str, seed: int) -> Path:
+    return Path(out) / row / f"seed{seed}"
+
+
+def is_finished(path: Path) -> bool:
+    return (Path(path) / "summary.json").is_file()
+
+
+def _split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(config overrides, ``hydra.*`` overrides); the keys the runner sets itself are refused."""
+    cfg, hydra = [], []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in ("name", "exp", "trainer.seed", "output_dir") or key.startswith(("hydra.sweep", "hydra.run")):
+            raise ConfigError(f"override {o!r}: the ablation runner sets {key} itself (seeds: --seeds)")
+        (hydra if key.startswith("hydra") else cfg).append(o)
+    return cfg, hydra
+
+
+def compose_rows(rows: Sequence[Row], overrides: Sequence[str] = (), seeds: Sequence[Optional[int]] = (None,)
+                 ) -> dict[tuple[str, Optional[int]], Config]:
+    """The typed config of every (row, seed), as ``scripts/train.py +exp=ablation/<row> <overrides>
+    trainer.seed=<seed>`` would build it (seed None: the config's own). A bad override is a ConfigError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    cfgs = {}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for row in rows:
+            for seed in seeds:
+                extra = [] if seed is None else [f"trainer.seed={seed}"]
+                try:
+                    cfg = to_config(compose(config_name="config", overrides=[f"+exp={row.exp}", *overrides, *extra]))
+                except (HydraException, OmegaConfBaseException, ValueError) as e:
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise ConfigError(f"row {row.name} ({CONF_DIR / 'exp' / row.exp}.yaml) with overrides "
+                                      f"{list(overrides)}: {first}") from e
+                if cfg.name != row.name:
+                    raise ConfigError(f"{CONF_DIR / 'exp' / row.exp}.yaml: name must be {row.name!r} (it names the row's folder)")
+                cfgs[row.name, seed] = cfg
+    return cfgs
+
+
+def compose_row(row: Row, overrides: Sequence[str] = (), seed: Optional[int] = None) -> Config:
+    """The typed config of one row (see :func:`compose_rows`)."""
+    return compose_rows([row], overrides, [seed])[row.name, seed]
+
+
+def baseline_spec(cfg: Config) -> dict:
+    """The config part of ``pipeline.baseline_key`` (the data part is the same for all rows of one call)."""
+    from bertnmt.pipeline import FUSION_ONLY
+
+    return {
+        "model": {k: v for k, v in asdict(cfg.model).items() if k not in FUSION_ONLY},
+        "optim": asdict(cfg.optim), "seed": cfg.trainer.seed, "accum": cfg.trainer.accum_steps,
+        "warm_start": (cfg.warm_start.max_epochs, cfg.warm_start.max_steps), "data": asdict(cfg.data),
+    }
+
+
+def check_shared_baseline(cfgs: dict[str, Config]) -> None:
+    """Every row that warm-starts from the automatic baseline must hit the same cached baseline."""
+    specs = {name: baseline_spec(c) for name, c in cfgs.items() if c.warm_start.auto and c.warm_start.path is None}
+    if len({repr(s) for s in specs.values()}) > 1:
+        first = next(iter(specs))
+        other = next(n for n, s in specs.items() if s != specs[first])
+        raise ConfigError(f"rows {first} and {other} would train different warm-start baselines: "
+                          "their configs differ outside the fusion settings")
+
+
+def multirun_command(rows: Sequence[Row], seed: int, out: Path, overrides: Sequence[str]) -> list[str]:
+    """The Hydra multirun that trains ``rows`` with ``seed`` into ``<out>/<row>/seed<seed>/``."""
+    return [
+        sys.executable, str(TRAIN_SCRIPT), "-m", "+exp=" + ",".join(r.exp for r in rows), f"trainer.seed={seed}",
+        f"hydra.sweep.dir={Path(out).resolve()}", "hydra.sweep.subdir=${name}/seed${trainer.seed}", *overrides,
+    ]
+
+
+def _launch_multirun(rows: Sequence[Row], seed: int, out: Path, overrides: Sequence[str]) -> None:
+    cmd = multirun_command(rows, seed, out, overrides)
+    if not TRAIN_SCRIPT.is_file():
+        raise ConfigError(f"{TRAIN_SCRIPT} is missing: run the ablations from a clone of bertnmt")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    log.info("launching: %s", " ".join(cmd))
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise BertNMTError(f"the multirun for seed {seed} failed (exit {rc}); finished rows are kept: "
+                           "fix the cause and rerun the same command to continue")
+
+
+def _run_inprocess(row: Row, seed: int, out: Path, overrides: Sequence[str]) -> None:
+    from bertnmt.pipeline import run
+
+    cfg = compose_row(row, overrides, seed)
+    cfg.output_dir = str(row_dir(out, row.name, seed))
+    run(cfg)
+
+
+def run_ablation(
+    out: str | Path,
+    rows: str | Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    seeds: Optional[Sequence[int]] = None,
+    launcher: str = "multirun",
+) -> Path:
+    """Run the rows that have not finished, then write the report; returns the path of ``ablations.md``.
+
+    overrides: passed to every row (``data=... trainer.max_epochs=1``); ``hydra.*`` ones to the multirun only.
+    seeds: one run per row and seed (``trainer.seed``); None = the config's seed.
+    """
+    from bertnmt.ablation_report import write_report
+
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    out = Path(out)
+    selected = select_rows(rows)
+    cfg_over, hydra_over = _split_overrides(overrides)
+    seeds_given = seeds is not None
+    if seeds is None:
+        seeds = [compose_row(selected[0], cfg_over).trainer.seed]
+    cfgs = compose_rows(selected, cfg_over, seeds)  # every row and override is checked before anything runs
+    for s in seeds:
+        check_shared_baseline({name: c for (name, seed), c in cfgs.items() if seed == s})
+    todo: dict[int, list[Row]] = {}
+    for s in seeds:
+        for r in selected:
+            path = row_dir(out, r.name, s)
+            if is_finished(path):
+                log.info("row %s seed %d: finished (%s), skipped", r.name, s, path)
+                continue
+            if path.exists():
+                log.warning("row %s seed %d: unfinished folder %s removed, the row runs again", r.name, s, path)
+                shutil.rmtree(path)
+            todo.setdefault(s, []).append(r)
+    out.mkdir(parents=True, exist_ok=True)
+    for s, group in todo.items():
+        log.info("seed %d: running %d row(s): %s", s, len(group), ", ".join(r.name for r in group))
+        if launcher == "multirun":
+            _launch_multirun(group, s, out, [*cfg_over, *hydra_over])
+        else:
+            for r in group:
+                _run_inprocess(r, s, out, cfg_over)
+    command = " ".join(["python scripts/ablate.py", f"--out {out}",
+                        *([] if rows is None else [f"--rows {','.join(r.name for r in selected)}"]),
+                        *([f"--seeds {','.join(map(str, seeds))}"] if seeds_given else []), *overrides])
+    return write_report(out, command=command)

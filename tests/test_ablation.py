@@ -1,0 +1,264 @@
+"""The ablation table: every row's config composes and builds its model, the warm-started rows share one
+baseline, the report's numbers, and (slow) the whole table at toy size through Hydra multirun, resumed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bertnmt.ablation import (
+    CONF_DIR, ROWS, ROW_BY_NAME, check_shared_baseline, compose_row, compose_rows, multirun_command, parse_seeds, row_dir,
+    run_ablation, select_rows,
+)
+from bertnmt.ablation_report import collect, deltas, table_markdown, write_report
+from bertnmt.errors import ConfigError
+from bertnmt.pipeline import baseline_key, check_freeze, scratch_trainer
+
+try:
+    from tests.tiny_encoder import make_tiny_bert
+    from tests.toy_corpus import custom_overrides, write_toy_corpus
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    from tiny_encoder import make_tiny_bert
+    from toy_corpus import custom_overrides, write_toy_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert6(tmp_path_factory) -> str:
+    """A tiny random encoder (32 wide) with MiniLM's 6 blocks, so that every layer row exists in it."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert6"), layers=6)
+
+
+def test_registry_matches_the_config_files() -> None:
+    files = {p.stem for p in (CONF_DIR / "exp" / "ablation").glob("*.yaml")}
+    assert files == set(ROW_BY_NAME)
+    assert ROWS[0].name == "transformer" and ROW_BY_NAME["fused"].paper_delta == pytest.approx(1.88)
+    # the issue's table: every row with its paper BLEU
+    paper = {"transformer": 28.57, "fused": 30.45, "no_warm_start": 27.03, "finetune": 28.87, "bert_init_encoder": 27.14,
+             "feature_based": 29.67, "no_enc_bert_attn": 29.87, "no_dec_bert_attn": 29.90, "stacked": 29.35,
+             "transformer_12l": 29.27, "transformer_18l": 28.92}
+    assert {r.name: r.paper_bleu for r in ROWS if r.paper_bleu is not None} == paper
+    names = set(ROW_BY_NAME)
+    assert {f"dropnet_0{k}" for k in (0, 2, 4, 6, 8)} | {f"layer_{k}" for k in range(1, 6)} <= names
+    assert {"layer_mix", "fuse_first_3", "fuse_last_3", "random_features", "random_encoder"} <= names
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_row_config_composes_with_its_header_and_start(row) -> None:
+    cfg = compose_row(row)
+    assert cfg.name == row.name
+    header = (CONF_DIR / "exp" / f"{row.exp}.yaml").read_text().splitlines()
+    assert header[0] == "# @package _global_"
+    assert f"python scripts/train.py +exp={row.exp}" in header[1]
+    if row.paper_bleu is not None:
+        assert f"= {row.paper_bleu:.2f} BLEU" in header[2]
+    else:
+        assert "no paper number" in header[2] or "no number here" in header[2]
+    w = cfg.warm_start
+    if row.init == "scratch":
+        assert not w.auto and w.path is None and w.scratch_budget == "total"
+    elif row.init == "continued":
+        assert not cfg.model.fused and w.auto
+    else:
+        assert cfg.model.fused and w.auto and w.scratch_budget == "stage"
+    assert cfg.freeze.policy == ("finetune" if row.name in ("finetune", "bert_init_encoder") else "frozen")
+
+
+# what distinguishes each row's model (a BertFusedTransformer built from its composed config)
+def _fused_layers(stack) -> list[int]:
+    return [i for i, layer in enumerate(stack.layers) if layer.bert_attn is not None]
+
+
+CHECKS = {
+    "transformer": lambda m, c: m.bert is None and len(m.encoder.layers) == 2,
+    "fused": lambda m, c: _fused_layers(m.encoder) == [0, 1] and _fused_layers(m.decoder) == [0, 1],
+    "no_warm_start": lambda m, c: _fused_layers(m.encoder) == [0, 1] and not c.warm_start.auto,
+    "finetune": lambda m, c: c.freeze.policy == "finetune" and _fused_layers(m.decoder) == [0, 1],
+    "bert_init_encoder": lambda m, c: m.encoder is None and m.bert is not None and not _fused_layers(m.decoder),
+    "feature_based": lambda m, c: m.bert_proj is not None and not _fused_layers(m.encoder) + _fused_layers(m.decoder),
+    "no_enc_bert_attn": lambda m, c: _fused_layers(m.encoder) == [] and _fused_layers(m.decoder) == [0, 1],
+    "no_dec_bert_attn": lambda m, c: _fused_layers(m.encoder) == [0, 1] and _fused_layers(m.decoder) == [],
+    "stacked": lambda m, c: all(layer.stacked for layer in m.encoder.layers) and m.decoder.layers[1].bert_attn_ln is not None,
+    "transformer_12l": lambda m, c: m.bert is None and len(m.encoder.layers) == 12,
+    "transformer_18l": lambda m, c: m.bert is None and len(m.encoder.layers) == 18,
+    "layer_mix": lambda m, c: m.bert_mix is not None and m.bert_mix.weights.numel() == 7,  # embeddings + 6 blocks
+    "fuse_first_3": lambda m, c: _fused_layers(m.encoder) == [0, 1, 2] and _fused_layers(m.decoder) == [0, 1, 2],
+    "fuse_last_3": lambda m, c: _fused_layers(m.encoder) == [1, 2, 3] and _fused_layers(m.decoder) == [1, 2, 3],
+    "random_features": lambda m, c: m.bert.random_features,
+    "random_encoder": lambda m, c: c.bert.random_init,
+}
+for _k in (0, 2, 4, 6, 8):
+    CHECKS[f"dropnet_0{_k}"] = lambda m, c, k=_k: all(layer.drop_net == k / 10 for layer in m.encoder.layers)
+for _k in range(1, 6):
+    CHECKS[f"layer_{_k}"] = lambda m, c, k=_k: m.bert.layer == k
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_every_row_builds_its_model(row, tiny_bert6) -> None:
+    overrides = ["model=tiny", f"bert.path={tiny_bert6}", "data.vocab_size=40"]
+    if row.name.startswith("fuse_"):  # first:3 / last:3 do not fit the tiny model's 2 layers: a clear error
+        with pytest.raises(ConfigError, match="model.fuse_layers='(first|last):3'"):
+            check_freeze(compose_row(row, overrides))
+        overrides += ["model.enc_layers=4", "model.dec_layers=4"]
+    cfg = compose_row(row, overrides)
+    policy, model = check_freeze(cfg)  # the model with the row's freeze policy bound
+    assert CHECKS[row.name](model, cfg), row.name
+    model.eval()
+    src = torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]])
+    tgt = torch.tensor([[2, 5, 6], [2, 7, 0]])
+    enc_ids = torch.tensor([[101, 2000, 2001, 102], [101, 2002, 102, 0]])
+    with torch.no_grad():
+        assert model(src, tgt, enc_ids, enc_ids.ne(0).long()).shape == (2, 3, 40)
+    policy.apply(model, epoch=1)
+    if model.bert is not None:
+        assert model.bert.frozen == (cfg.freeze.policy == "frozen")
+
+
+def test_warm_started_rows_share_one_baseline() -> None:
+    data = SimpleNamespace(key="datakey", vocab=SimpleNamespace(sha256="vocabsha"))
+    cfgs = {name: c for (name, _), c in compose_rows(ROWS, ["model=tiny", "warm_start.max_epochs=1", "optim=paper"]).items()}
+    check_shared_baseline(cfgs)
+    keys = {baseline_key(c, data) for c in cfgs.values() if c.warm_start.auto}
+    assert len(keys) == 1 and sum(c.warm_start.auto for c in cfgs.values()) == 21
+    # the README's main job (+exp=frozen_bert) trains the same baseline: its cache serves the table
+    from hydra import compose, initialize_config_dir
+
+    from bertnmt.config import to_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        main_job = to_config(compose(config_name="config", overrides=["+exp=frozen_bert"]))
+    assert baseline_key(main_job, data) == baseline_key(compose_row(ROW_BY_NAME["fused"]), data)
+    bad = {"fused": compose_row(ROW_BY_NAME["fused"]), "stacked": compose_row(ROW_BY_NAME["stacked"], ["model.d_model=64"])}
+    with pytest.raises(ConfigError, match="different warm-start baselines"):
+        check_shared_baseline(bad)
+
+
+def test_row_selection_seeds_and_overrides() -> None:
+    assert [r.name for r in select_rows("stacked, transformer")] == ["transformer", "stacked"]  # table order
+    assert len(select_rows(None)) == len(ROWS) == len(select_rows("all"))
+    with pytest.raises(ConfigError, match="unknown row.*stackd"):
+        select_rows("stackd")
+    assert parse_seeds("1,2,3") == [1, 2, 3] and parse_seeds(None) is None
+    for bad in ("1,x", "1,1", ""):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+    for bad in ("trainer.seed=3", "name=x", "hydra.sweep.dir=/tmp/x"):
+        with pytest.raises(ConfigError, match="sets .* itself"):
+            run_ablation("/nonexistent/never", "fused", [bad])
+    with pytest.raises(ConfigError, match="row fused .*d_modle"):
+        run_ablation("/nonexistent/never", "fused", ["model.d_modle=3"])
+    cmd = multirun_command(select_rows("transformer,fused"), 2, Path("out"), ["trainer.max_epochs=1"])
+    assert cmd[1].endswith("scripts/train.py") and cmd[2] == "-m"
+    assert "+exp=ablation/transformer,ablation/fused" in cmd and "trainer.seed=2" in cmd
+    assert "hydra.sweep.subdir=${name}/seed${trainer.seed}" in cmd and cmd[-1] == "trainer.max_epochs=1"
+
+
+def test_scratch_budget_is_baseline_plus_own_stage() -> None:
+    split = SimpleNamespace(src_ids=[[5] * 4] * 10, tgt_ids=[[5] * 4] * 10, enc_ids=None)
+    data = SimpleNamespace(splits={"train": split})
+    cfg = compose_row(ROW_BY_NAME["no_warm_start"], ["warm_start.max_epochs=3", "trainer.max_epochs=2", "data.max_tokens=10"])
+    t = scratch_trainer(cfg, data)
+    assert (t.max_epochs, t.max_steps) == (5, 0)
+    # 10 sentences of width 5, 10 tokens a batch: 5 updates an epoch; the fused stage capped at 4 updates
+    t = scratch_trainer(replace(cfg, trainer=replace(cfg.trainer, max_steps=4)), data)
+    assert (t.max_epochs, t.max_steps) == (5, 3 * 5 + 4)
+    stage = compose_row(ROW_BY_NAME["no_warm_start"], ["warm_start.scratch_budget=stage", "trainer.max_epochs=2"])
+    assert scratch_trainer(stage, data).max_epochs == 2
+
+
+def _fake_run(out: Path, row: str, seed: int, bleu: float | None, *, warm: bool = True, epochs: int = 1) -> None:
+    d = row_dir(out, row, seed)
+    d.mkdir(parents=True)
+    stage = "transformer" if row == "transformer" else ("fused" if row not in ("transformer_12l",) else "baseline")
+    own = {"epochs": epochs, "mean_epoch_time_s": 10.0 + seed, "trainable_params": 100, "total_params": 1000}
+    if bleu is not None:
+        own["test_bleu"] = bleu
+    summary = {"name": row, stage: own, "final_stage": stage, "warm_start": "ckpt" if warm else None}
+    if warm:
+        summary["baseline"] = {"epochs": 3, "test_bleu": 13.9}
+    (d / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_numbers(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "transformer", 1, 20.0)
+    _fake_run(tmp_path, "transformer", 2, 22.0)
+    _fake_run(tmp_path, "fused", 1, 23.0)
+    _fake_run(tmp_path, "fused", 2, 24.0)
+    _fake_run(tmp_path, "transformer_12l", 1, 19.5, warm=False, epochs=4)
+    (tmp_path / "stacked" / "seed1").mkdir(parents=True)  # unfinished: no summary.json
+    results = collect(tmp_path)
+    assert [r.row.name for r in results] == ["transformer", "fused", "transformer_12l"]
+    d = deltas(results)
+    assert d["fused"] == pytest.approx(2.5) and d["transformer"] == 0 and d["transformer_12l"] == pytest.approx(-1.5)
+    table = table_markdown(results)
+    fused = next(line for line in table.splitlines() if "`ablation/fused`" in line)
+    assert "| warm start | 3+1 | 23.50 ± 0.71 (n=2) | +2.50 | 30.45 | +1.88 | 11.50 | 100 / 1,000 |" in fused
+    deep = next(line for line in table.splitlines() if "`ablation/transformer_12l`" in line)
+    assert "| scratch | 4 | 19.50 | -1.50 | 29.27 | +0.70 |" in deep
+    md = write_report(tmp_path, command="python scripts/ablate.py x")
+    text = md.read_text()
+    assert "`python scripts/ablate.py x`" in text and "![BLEU deltas](ablations.png)" in text
+    assert "stacked" in text.split("Not run")[1] and "test BLEU 13.90" in text
+    png = tmp_path / "ablations.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_script_is_thin_and_reports_errors(tmp_path: Path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("ablate_script", ROOT / "scripts" / "ablate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--rows", "nope", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --rows: unknown row(s) nope")
+    _fake_run(tmp_path, "transformer", 1, 20.0)
+    assert mod.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert "Transformer (no pretrained encoder)" in (tmp_path / "ablations.md").read_text()
+
+
+def _bleu_of(md: str, row: str) -> float:
+    line = next(line for line in md.splitlines() if f"`ablation/{row}`" in line)
+    return float(line.split("|")[5].split()[0])
+
+
+@pytest.mark.slow
+def test_toy_table_runs_every_row_through_multirun_and_resumes(tmp_path: Path, tiny_bert6: str) -> None:
+    bert = tiny_bert6
+    custom = write_toy_corpus(tmp_path / "corpus")
+    overrides = custom_overrides(custom) + [
+        "model=tiny", f"bert.path={bert}", "bert.name=tiny-bert", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.vocab_size=100", "data.max_tokens=400", "trainer.max_epochs=1", "warm_start.max_epochs=1",
+        "trainer.progress=false", "trainer.tensorboard=false", "trainer.valid_bleu=false", "optim.warmup_steps=10",
+        "optim.lr=3e-3", "eval.beam=2",
+    ]
+    out = tmp_path / "ablations"
+    two_layer = [r.name for r in ROWS if not r.name.startswith("fuse_")]
+    run_ablation(out, two_layer, overrides)
+    # the subset rows need 3 layers in each stack (the tiny model has 2): a second call into the same folder
+    md = run_ablation(out, "fuse_first_3,fuse_last_3", [*overrides, "model.enc_layers=3", "model.dec_layers=3"])
+    text = md.read_text()
+    results = collect(out)
+    assert {r.row.name for r in results} == set(ROW_BY_NAME)
+    for r in results:
+        assert math.isfinite(_bleu_of(text, r.row.name)) and len(r.bleu) == 1, r.row.name
+        assert r.row.label in text
+    assert "Not run" not in text and (out / "ablations.png").stat().st_size > 5000
+    # one baseline for the first call: trained once (in the first warm-started row), reused by all the others
+    first = [r for r in results if r.row.name in two_layer and r.start in ("warm start", "continued")]
+    warm = {json.loads((Path(r.run_dirs[0]) / "summary.json").read_text())["warm_start"] for r in first}
+    assert len(first) == 19 and len(warm) == 1  # 26 rows - 5 from scratch - 2 in the second call
+    # resumable: finished rows are skipped; an unfinished one runs again
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/summary.json")}
+    (out / "stacked" / "seed1" / "summary.json").unlink()
+    run_ablation(out, "transformer,stacked,fused", overrides, launcher="inprocess")
+    for p, t in stamps.items():
+        if p.parts[-3] != "stacked":
+            assert p.stat().st_mtime_ns == t, p
+    assert re.search(r"\| stacked instead of averaged attentions \| `ablation/stacked` \| warm start \| 1\+1 \| \d+\.\d\d \|",
+                     (out / "ablations.md").read_text())
