@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bertnmt import distributed
 from bertnmt.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,11 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file in the same folder + rename)."""
+    """Write ``payload`` to ``path`` atomically (temp file in the same folder + rename).
+
+    Under torchrun only rank 0 writes; on the other ranks this does nothing."""
+    if not distributed.is_main():  # issue 7b
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, **payload}

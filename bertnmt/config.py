@@ -134,6 +134,7 @@ class TrainerConfig:
     keep_last: int = 1
     tensorboard: bool = True
     progress: bool = True
+    dist_timeout_min: int = 60  # torchrun: how long a rank waits for the others (e.g. rank 0's data preparation)
 
 
 @dataclass

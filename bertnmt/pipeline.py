@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from bertnmt import distributed  # issue 7b: torchrun; no-ops in one process
 from bertnmt.checkpoint import warm_start
 from bertnmt.config import Config, FreezeConfig
 from bertnmt.data.features import FeatureStore, feature_cache
@@ -65,6 +66,8 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    if not distributed.is_main():  # issue 7b: rank 0 writes the run's files
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -88,7 +91,8 @@ def baseline_key(cfg: Config, data: PreparedData) -> str:
     model = {k: v for k, v in asdict(cfg.model).items() if k not in ("name", "fused", "fuse_encoder", "fuse_decoder", "drop_net")}
     spec = {
         "version": BASELINE_VERSION, "data": data.key, "vocab": data.vocab.sha256, "model": model,
-        "optim": asdict(cfg.optim), "seed": cfg.trainer.seed, "accum": cfg.trainer.accum_steps,
+        "optim": asdict(cfg.optim), "seed": cfg.trainer.seed,
+        "accum": cfg.trainer.accum_steps * distributed.world_size(),  # issue 7b: N ranks x a = one process x a*N
         "epochs": cfg.warm_start.max_epochs, "steps": cfg.warm_start.max_steps, "max_tokens": cfg.data.max_tokens,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -107,7 +111,7 @@ def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result
         "total_params": result.epochs[-1]["total_params"] if result.epochs else None,
         "checkpoint": str(result.best_path),
     }
-    if not cfg.eval.test:
+    if not cfg.eval.test or not distributed.is_main():  # issue 7b: the test decode on rank 0 only
         return out
     split = data.splits["test"]
     device = pick_device(cfg.trainer.device)
@@ -144,8 +148,9 @@ def train_stage(cfg: Config, data: PreparedData, run_dir: Path, stage: str, meta
         policy.apply(model, epoch=1, step=0)
         device = pick_device(cfg.trainer.device)
         model.bert.to(device)
-        features = feature_cache(model.bert, data, meta["encoder"]["weights_sha256"], enc_pad_id, device,
-                                 cfg.bert.cache_budget_gb, cfg.bert.cache_features, policy.encoder_untrained(model))
+        with distributed.main_first():  # issue 7b: rank 0 writes the feature cache, the others read it
+            features = feature_cache(model.bert, data, meta["encoder"]["weights_sha256"], enc_pad_id, device,
+                                     cfg.bert.cache_budget_gb, cfg.bert.cache_features, policy.encoder_untrained(model))
     trainer = Trainer(cfg, model, data, policy, run_dir, stage, meta, enc_pad_id, features=features)
     result = trainer.fit()
     return finish_stage(cfg, model, data, result, run_dir, enc_pad_id, trainer.features.get("test"))
@@ -168,16 +173,23 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
         trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps),
     )
     summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": asdict(bcfg.model)}, None)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / "checkpoint.pt.tmp"
-    shutil.copyfile(summary["checkpoint"], tmp)
-    os.replace(tmp, ckpt)
-    write_json(summary_path, summary)
+    if distributed.is_main():  # issue 7b: rank 0 fills the cache, the others wait for it
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / "checkpoint.pt.tmp"
+        shutil.copyfile(summary["checkpoint"], tmp)
+        os.replace(tmp, ckpt)
+        write_json(summary_path, summary)
+    distributed.barrier()
     return ckpt, summary
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Run the configured experiment in ``cfg.output_dir``; returns the summary (also in summary.json)."""
+    """Run the configured experiment in ``cfg.output_dir``; returns the summary (also in summary.json).
+
+    Under torchrun every rank trains its share of each batch (:mod:`bertnmt.distributed`); rank 0's
+    ``output_dir`` is the run's, and rank 0 alone writes files and decodes the test set."""
+    if distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_min):  # issue 7b
+        cfg.output_dir = distributed.broadcast(cfg.output_dir)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     policy, skeleton = check_freeze(cfg)  # a bad policy fails before any data is loaded
@@ -186,9 +198,11 @@ def run(cfg: Config) -> dict[str, Any]:
         print(f"{table}\n(dry run: model {cfg.model.name} with data.vocab_size={cfg.data.vocab_size}; nothing was trained)")
         return {"name": cfg.name, "dry_run": True, "table": table}
     del policy, skeleton
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    if distributed.is_main():  # issue 7b
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     start = time.perf_counter()
-    data = prepare_data(cfg.data)
+    with distributed.main_first():  # issue 7b: rank 0 prepares the data cache, the others read it
+        data = prepare_data(cfg.data)
     enc_pad_id = None
     meta: dict[str, Any] = {
         "git_sha": git_sha(), "command": " ".join(sys.argv), "torch": str(torch.__version__),
@@ -200,7 +214,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.model.fused:
         tok = EncoderTokenizer(cfg.bert.path, cfg.bert.max_length, cfg.bert.trust_remote_code)
         check_tokenizer(cfg.bert, len(tok), tok.pad_id)  # issue 7: a tokenizer of another encoder is a ConfigError
-        add_encoder_view(data, tok)
+        with distributed.main_first():  # issue 7b
+            add_encoder_view(data, tok)
         enc_pad_id = tok.pad_id
         meta["encoder"] = {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer}
     write_json(run_dir / "meta.json", meta)
@@ -221,13 +236,14 @@ def run(cfg: Config) -> dict[str, Any]:
         summary["epoch_time_ratio"] = round(fused["mean_epoch_time_s"] / base["mean_epoch_time_s"], 3)
     last = summary.get("fused") or summary.get("baseline") or {}
     # -- issue 7: the final model as a folder that bertnmt.load_model() restores without Hydra
-    if last.get("checkpoint"):
+    if last.get("checkpoint") and distributed.is_main():  # issue 7b
         summary["export"] = str(export_model(last["checkpoint"], run_dir / "export"))
     if "bleu_signature" in last:
         meta["sacrebleu_signature"] = last["bleu_signature"]
         write_json(run_dir / "meta.json", meta)
     write_json(run_dir / "summary.json", summary)
-    print_summary(summary)
+    if distributed.is_main():  # issue 7b
+        print_summary(summary)
     return summary
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bertnmt import distributed  # issue 7b: DDP under torchrun; no-ops in one process
 from bertnmt.checkpoint import load_checkpoint, load_model_weights, model_weights, save_checkpoint
 from bertnmt.config import Config
 from bertnmt.data.collate import Batch, make_loader
@@ -28,6 +29,7 @@ from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import PreparedData, Split
 from bertnmt.freeze import FreezePolicy
 from bertnmt.metrics import corpus_scores
+from bertnmt.model.fusion import drop_net_generator
 from bertnmt.search import beam_search, greedy_search
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,8 @@ class StageResult:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    if not distributed.is_main():  # issue 7b: rank 0 writes the run's files
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -163,6 +167,8 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if (gen := drop_net_generator()) is not None:  # issue 7b: drop-net's own generator under DDP
+        state["drop_net"] = gen.get_state()
     return state
 
 
@@ -171,6 +177,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "drop_net" in state and (gen := drop_net_generator()) is not None:  # issue 7b
+        gen.set_state(state["drop_net"])
 
 
 class Trainer:
@@ -199,13 +207,15 @@ class Trainer:
         self.valid_loader = make_loader(data.splits["valid"], cfg.data.max_tokens, 0, False, enc_pad,
                                         features=feats.get("valid"))
         self.features: dict[str, FeatureStore] = dict(feats)  # cleared for good once the encoder trains
+        distributed.shard(self.train_loader.batch_sampler)  # issue 7b: rank r takes batches r, r+N, ...
+        self.replicas = distributed.Replicas(self.model, self.device, cfg.trainer.seed)  # issue 7b: the DDP wrapper
         self.step = 0
         self.start_epoch = 1
         self.best = -math.inf
         self.results = self.run_dir / "results.jsonl"
         self.ckpt_dir = self.run_dir / "checkpoints" / stage
         self.writer = None
-        if cfg.trainer.tensorboard:
+        if cfg.trainer.tensorboard and distributed.is_main():  # issue 7b: rank 0 only
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb" / stage))
@@ -248,7 +258,8 @@ class Trainer:
 
     # -- one epoch ---------------------------------------------------------------------------
     def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_loss(self.model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
+        model = self.replicas.forward_model()  # issue 7b: DDP for training forwards, else self.model
+        return forward_loss(model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
                             use_features=bool(self.features))  # cached H_B, never once the encoder trains
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -262,7 +273,7 @@ class Trainer:
         accum: list[Batch] = []
         start = time.perf_counter()
         bar = None
-        if t.progress:
+        if t.progress and distributed.is_main():  # issue 7b
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self.train_loader), desc=f"{self.stage} epoch {epoch}", leave=False, dynamic_ncols=True)
@@ -271,11 +282,12 @@ class Trainer:
             if len(accum) < t.accum_steps:
                 continue
             ntok = sum(b.ntokens for b in accum)
+            norm = self.replicas.begin_update(ntok, len(accum))  # issue 7b: all ranks' tokens / N (= ntok in one process)
             if per_step:
                 self._sync_policy(epoch)  # requires_grad for this update, before its forward passes
             for b in accum:
                 loss, _ = self._forward_loss(b)
-                (loss / ntok).backward()
+                (loss / norm).backward()
                 tot_loss += loss.detach()
             tot_tokens += ntok
             if self.cfg.optim.clip_norm > 0:
@@ -300,6 +312,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        tot_loss, tot_tokens = distributed.sum_over_ranks(tot_loss, tot_tokens)  # issue 7b: the whole epoch's figures
         elapsed = time.perf_counter() - start
         return {"train_loss": tot_loss.item() / max(1, tot_tokens), "epoch_time_s": elapsed,
                 "train_tokens": int(tot_tokens), "tokens_per_s": tot_tokens / max(elapsed, 1e-9)}
@@ -352,6 +365,7 @@ class Trainer:
                 break
         if self.writer is not None:
             self.writer.close()
+        distributed.barrier()  # issue 7b: rank 0's checkpoints exist before any rank loads them
         return result
 
     def _payload(self, epoch: int, metric: float) -> dict[str, Any]:

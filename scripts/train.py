@@ -1,4 +1,6 @@
-"""Train a model: ``python scripts/train.py +exp=frozen_bert`` (see conf/exp/ for the recipes)."""
+"""Train a model: ``python scripts/train.py +exp=frozen_bert`` (see conf/exp/ for the recipes).
+
+On several GPUs: ``torchrun --nproc_per_node=N scripts/train.py +exp=frozen_bert`` (README, "Multi-GPU training")."""
 from __future__ import annotations
 
 import sys
@@ -7,6 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from bertnmt import distributed
 from bertnmt.config import register_configs, to_config
 from bertnmt.errors import BertNMTError
 from bertnmt.pipeline import run
@@ -26,4 +29,5 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = distributed.hydra_argv(sys.argv)  # torchrun: ranks > 0 make no run folder of their own
     main()
