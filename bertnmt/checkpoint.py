@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from bertnmt import distributed
 from bertnmt.errors import CheckpointError
+from bertnmt.model.fusion import drop_net_generator
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically (temp file in the same folder, fsync, rename).
 
     On any failure the temp file is removed and ``path`` keeps its previous content; a full disk
-    or another OS error is a :class:`CheckpointError`.
+    or another OS error is a :class:`CheckpointError`. Under torchrun only rank 0 writes; on the
+    other ranks this does nothing.
     """
+    if not distributed.is_main():  # issue 7b
+        return
     path = Path(path)
     payload = {"format_version": FORMAT_VERSION, **payload}
     try:
@@ -223,6 +228,8 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if (gen := drop_net_generator()) is not None:  # issue 7b: drop-net's own generator under DDP
+        state["drop_net"] = gen.get_state()
     return state
 
 
@@ -238,6 +245,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "python" in state:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
+    if "drop_net" in state and (gen := drop_net_generator()) is not None:  # issue 7b
+        gen.set_state(state["drop_net"])
 
 
 # -- weights ----------------------------------------------------------------------------------------

@@ -168,6 +168,7 @@ class TrainerConfig:
     tensorboard: bool = True
     progress: bool = True
     compile: bool = False  # torch.compile the model for training (worth it on a GPU; see docs/benchmarks.md)
+    dist_timeout_min: int = 60  # torchrun: how long a rank waits for the others (e.g. rank 0's data preparation)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from bertnmt import distributed  # issue 7b: torchrun; no-ops in one process
 from bertnmt.checkpoint import load_checkpoint, warm_start
 from bertnmt.config import Config, FreezeConfig, TrainerConfig
 from bertnmt.data.collate import make_loader
@@ -79,6 +80,8 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    if not distributed.is_main():  # issue 7b: rank 0 writes the run's files
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -109,7 +112,8 @@ def baseline_key(cfg: Config, data: PreparedData) -> str:
     model = {k: v for k, v in asdict(cfg.model).items() if k not in FUSION_ONLY}
     spec = {
         "version": BASELINE_VERSION, "data": data.key, "vocab": data.vocab.sha256, "model": model,
-        "optim": asdict(cfg.optim), "seed": cfg.trainer.seed, "accum": cfg.trainer.accum_steps,
+        "optim": asdict(cfg.optim), "seed": cfg.trainer.seed,
+        "accum": cfg.trainer.accum_steps * distributed.world_size(),  # issue 7b: N ranks x a = one process x a*N
         "epochs": cfg.warm_start.max_epochs, "steps": cfg.warm_start.max_steps, "max_tokens": cfg.data.max_tokens,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -128,7 +132,7 @@ def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result
         "total_params": result.epochs[-1]["total_params"] if result.epochs else None,
         "checkpoint": str(result.best_path),
     }
-    if not cfg.eval.test:
+    if not cfg.eval.test or not distributed.is_main():  # issue 7b: the test decode on rank 0 only
         return out
     split = data.splits["test"]
     device = pick_device(cfg.trainer.device)
@@ -198,8 +202,9 @@ def train_stage(cfg: Config, data: PreparedData, run_dir: Path, stage: str, meta
         policy.apply(model, epoch=1, step=0)  # a resumed Trainer re-checks at its own position
         device = pick_device(cfg.trainer.device)
         model.bert.to(device)
-        features = feature_cache(model.bert, data, meta["encoder"]["weights_sha256"], enc_pad_id, device,
-                                 cfg.bert.cache_budget_gb, cfg.bert.cache_features, policy.encoder_untrained(model))
+        with distributed.main_first():  # issue 7b: rank 0 writes the feature cache, the others read it
+            features = feature_cache(model.bert, data, meta["encoder"]["weights_sha256"], enc_pad_id, device,
+                                     cfg.bert.cache_budget_gb, cfg.bert.cache_features, policy.encoder_untrained(model))
     trainer = Trainer(cfg, model, data, policy, run_dir, stage, meta, enc_pad_id, resume=resume, features=features)
     result = trainer.fit()
     summary = finish_stage(cfg, model, data, result, run_dir, enc_pad_id, trainer.features.get("test"))
@@ -225,15 +230,17 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
         trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps),
     )
     summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": asdict(bcfg.model)}, None, explicit=explicit)
-    tmp = cache / "checkpoint.pt.tmp"
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(summary["checkpoint"], tmp)
-        os.replace(tmp, ckpt)
-        write_json(summary_path, summary)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot cache the baseline in {cache} ({e.strerror or e})") from None
+    if distributed.is_main():  # issue 7b: rank 0 fills the cache, the others wait for it
+        tmp = cache / "checkpoint.pt.tmp"
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(summary["checkpoint"], tmp)
+            os.replace(tmp, ckpt)
+            write_json(summary_path, summary)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot cache the baseline in {cache} ({e.strerror or e})") from None
+    distributed.barrier()
     return ckpt, summary
 
 
@@ -275,6 +282,7 @@ def run(cfg: Config) -> dict[str, Any]:
     check_recipe(cfg)
     if cfg.model.fused and cfg.bert.trust_remote_code:
         log.warning("bert.trust_remote_code=true: Python code shipped with the encoder %r will run", cfg.bert.path)
+    ddp = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_min)  # issue 7b: under torchrun
     policy, skeleton = check_freeze(cfg)  # a bad policy fails before any data is loaded
     if cfg.freeze.dry_run:
         table = schedule_table(policy, skeleton, cfg.trainer.max_epochs, cfg.trainer.max_steps)
@@ -282,23 +290,29 @@ def run(cfg: Config) -> dict[str, Any]:
         return {"name": cfg.name, "dry_run": True, "table": table}
     del policy, skeleton
     explicit = check_resume_inputs(cfg)
-    run_dir = open_run_dir(cfg)
+    run_dir = open_run_dir(cfg) if distributed.is_main() else None  # issue 7b: rank 0 picks the run folder
+    if ddp:
+        run_dir = Path(distributed.broadcast(str(run_dir) if run_dir is not None else None))
+        cfg.output_dir = str(run_dir)
     fresh = not (run_dir / CONFIG).is_file()
     try:
         return _run(cfg, run_dir, explicit)
     except BertNMTError:
-        if fresh and not (run_dir / "checkpoints").exists():  # nothing trained: leave no half-written outputs
+        if fresh and distributed.is_main() and not (run_dir / "checkpoints").exists():  # no half-written outputs
             for name in (CONFIG, "meta.json", "results.jsonl"):
                 (run_dir / name).unlink(missing_ok=True)
         raise
     finally:
-        release(run_dir)
+        if distributed.is_main():
+            release(run_dir)
 
 
 def _run(cfg: Config, run_dir: Path, explicit: Explicit) -> dict[str, Any]:
-    save_config(cfg, run_dir)
+    if distributed.is_main():  # issue 7b
+        save_config(cfg, run_dir)
     start = time.perf_counter()
-    data = prepare_data(cfg.data)
+    with distributed.main_first():  # issue 7b: rank 0 prepares the data cache, the others read it
+        data = prepare_data(cfg.data)
     enc_pad_id = None
     meta: dict[str, Any] = {
         "git_sha": git_sha(), "command": " ".join(sys.argv), "torch": str(torch.__version__),
@@ -310,7 +324,8 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit) -> dict[str, Any]:
     if cfg.model.fused:
         tok = EncoderTokenizer(cfg.bert.path, cfg.bert.max_length, cfg.bert.trust_remote_code)
         check_tokenizer(cfg.bert, len(tok), tok.pad_id)  # issue 7: a tokenizer of another encoder is a ConfigError
-        add_encoder_view(data, tok)
+        with distributed.main_first():  # issue 7b
+            add_encoder_view(data, tok)
         enc_pad_id = tok.pad_id
         meta["encoder"] = {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer,
                            "layer_mix": cfg.bert.layer_mix, "features": cfg.bert.features,
@@ -333,13 +348,14 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit) -> dict[str, Any]:
         summary["epoch_time_ratio"] = round(fused["mean_epoch_time_s"] / base["mean_epoch_time_s"], 3)
     last = summary[stage]
     # -- issue 7: the final model as a folder that bertnmt.load_model() restores without Hydra
-    if last.get("checkpoint"):
+    if last.get("checkpoint") and distributed.is_main():  # issue 7b
         summary["export"] = str(export_model(last["checkpoint"], run_dir / "export"))
     if "bleu_signature" in last:
         meta["sacrebleu_signature"] = last["bleu_signature"]
         write_json(run_dir / "meta.json", meta)
     write_json(run_dir / "summary.json", summary)
-    print_summary(summary)
+    if distributed.is_main():  # issue 7b
+        print_summary(summary)
     return summary
 
 

@@ -12,6 +12,10 @@ log = logging.getLogger(__name__)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    from bertnmt import distributed
+
+    if not distributed.is_main():  # issue 7b: rank 0 writes the run's files
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 

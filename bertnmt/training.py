@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bertnmt import distributed  # issue 7b: DDP under torchrun; no-ops in one process
 from bertnmt.checkpoint import (BEST, LAST, latest_checkpoint, link_checkpoint, load_checkpoint, load_model_weights,
                                 model_weights, remove_temp_files, rng_state, rotate, save_checkpoint, set_rng_state,
                                 step_checkpoint)
@@ -203,6 +204,8 @@ class Trainer:
         self.valid_loader = make_loader(data.splits["valid"], cfg.data.max_tokens, 0, False, enc_pad,
                                         features=feats.get("valid"))
         self.features: dict[str, FeatureStore] = dict(feats)  # cleared for good once the encoder trains
+        distributed.shard(self.train_loader.batch_sampler)  # issue 7b: rank r takes batches r, r+N, ...
+        self.replicas = distributed.Replicas(self.model, self.device, cfg.trainer.seed)  # issue 7b: the DDP wrapper
         self.step = 0
         self.start_epoch = 1
         self.best = -math.inf
@@ -249,8 +252,9 @@ class Trainer:
             log.warning("[%s] %s was trained with trainer.seed=%s, now %s: the data order differs from here on",
                         self.stage, path, seed, self.cfg.trainer.seed)
         self.resumed_from = path
-        self.past_epochs = keep_until(self.results, self.stage, epoch if pos.epoch_done else epoch - 1)
-        remove_temp_files(self.ckpt_dir)
+        if distributed.is_main():  # issue 7b: rank 0 owns the run's files
+            self.past_epochs = keep_until(self.results, self.stage, epoch if pos.epoch_done else epoch - 1)
+            remove_temp_files(self.ckpt_dir)
         where = "end" if pos.epoch_done else f"batch {pos.batches_done}/{pos.n_batches}"
         log.info("[%s] resumed from %s: epoch %d (%s), step %d", self.stage, path, epoch, where, self.step)
 
@@ -277,7 +281,9 @@ class Trainer:
 
     # -- one epoch ---------------------------------------------------------------------------
     def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_loss(self.step_model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
+        model = self.replicas.forward_model()  # issue 7b: the DDP wrapper for training forwards under torchrun
+        model = self.step_model if model is self.model else model  # (torch.compile'd in one process)
+        return forward_loss(model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
                             use_features=bool(self.features))  # cached H_B, never once the encoder trains
 
     def _update(self, accum: list[Batch], epoch: int, pos: EpochPosition) -> bool:
@@ -285,15 +291,16 @@ class Trainer:
         ntok = sum(b.ntokens for b in accum)
         if self.policy.unit == "step":
             self._sync_policy(epoch)  # requires_grad for this update, before its forward passes
+        norm = self.replicas.begin_update(ntok, len(accum))  # issue 7b: all ranks' tokens / N (= ntok in one process)
         loss_sum, bad, oom = 0.0, None, False
         try:
             for b in accum:
                 loss, _ = self._forward_loss(b)
                 value = loss.item()
-                if not math.isfinite(value):
+                if not distributed.all_true(math.isfinite(value)):  # issue 7b: every rank skips alike
                     bad = ("loss", value)
                     break
-                (loss / ntok).backward()
+                (loss / norm).backward()
                 loss_sum += value
         except torch.cuda.OutOfMemoryError:
             oom = True  # handled outside the except block, so that the failed batch's tensors can be freed
@@ -306,6 +313,7 @@ class Trainer:
                 bad = ("gradient norm", norm)
         if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
+            self.replicas.reset()  # issue 7b: a DDP forward without its backward leaves the reducer waiting
             self.guard.skip_nonfinite(bad[0], bad[1], epoch, self.step)  # raises after too many in a row
             return False
         self.policy.scale_lrs(self.optimizer, self.scheduler.get_last_lr())  # inverse sqrt x policy multiplier
@@ -340,7 +348,7 @@ class Trainer:
         accum: list[Batch] = []
         start = time.perf_counter() - pos.elapsed_s
         bar = None
-        if t.progress:
+        if t.progress and distributed.is_main():  # issue 7b
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n_batches, initial=pos.batches_done, desc=f"{self.stage} epoch {epoch}", leave=False,
@@ -370,9 +378,11 @@ class Trainer:
                 raise TrainingInterrupted(self.stop.signum, self.step, str(saved))
         if bar is not None:
             bar.close()
+        loss_all, tok_all = distributed.sum_over_ranks(  # issue 7b: the whole epoch's figures, all ranks
+            torch.tensor(pos.tot_loss, dtype=torch.float64, device=self.device), int(pos.tot_tokens))
         elapsed = time.perf_counter() - start
-        return {"train_loss": pos.tot_loss / max(1, pos.tot_tokens), "epoch_time_s": elapsed,
-                "train_tokens": int(pos.tot_tokens), "tokens_per_s": pos.tot_tokens / max(elapsed, 1e-9),
+        return {"train_loss": float(loss_all) / max(1, tok_all), "epoch_time_s": elapsed,
+                "train_tokens": int(tok_all), "tokens_per_s": tok_all / max(elapsed, 1e-9),
                 "skipped_nonfinite": self.guard.nonfinite, "skipped_oom": self.guard.oom}
 
     @torch.no_grad()
@@ -404,7 +414,7 @@ class Trainer:
         if self._resume_pos is None and self._resume_rng is not None:  # resumed at an epoch end
             set_rng_state(self._resume_rng)
             self._resume_rng = None
-        if t.tensorboard and self.writer is None:
+        if t.tensorboard and self.writer is None and distributed.is_main():  # issue 7b: rank 0 only
             from torch.utils.tensorboard import SummaryWriter
 
             # a resumed stage drops the events logged after its checkpoint
@@ -424,6 +434,7 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
+        distributed.barrier()  # issue 7b: rank 0's checkpoints exist before any rank loads them
         return result
 
     def _run_epoch(self, epoch: int, result: StageResult) -> None:
@@ -446,8 +457,10 @@ class Trainer:
     def _save(self, epoch: int, pos: EpochPosition, metric: float = math.nan, best: bool = False) -> Path:
         """The one place that writes checkpoints: a step checkpoint (+ ``checkpoint_last.pt``, rotation),
         or at an epoch end ``checkpoint_last.pt`` (+ ``checkpoint_best.pt``). Returns the file written."""
-        payload = self._payload(epoch, pos, metric)
         last = self.ckpt_dir / LAST
+        if not distributed.is_main():  # issue 7b: rank 0 writes (and rotates) the checkpoints
+            return last
+        payload = self._payload(epoch, pos, metric)
         if pos.epoch_done:
             save_checkpoint(last, payload)
             if best:

@@ -2,6 +2,7 @@
 
 A mistake in the command line, the config or the data is one ``error: ...`` line on stderr and exit
 code 2; SIGTERM / SIGINT save a checkpoint and exit with 143 / 130; rerunning the same command resumes.
+On several GPUs: ``torchrun --nproc_per_node=N scripts/train.py +exp=frozen_bert`` (README, "Multi-GPU training").
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from bertnmt import distributed
 from bertnmt.cli import check_command_line, exit_code
 from bertnmt.config import register_configs, to_config
 
@@ -34,4 +36,5 @@ if __name__ == "__main__":
     code = exit_code(lambda: check_command_line(CONF, sys.argv[1:]))
     if code:
         raise SystemExit(code)
+    sys.argv = distributed.hydra_argv(sys.argv)  # torchrun: ranks > 0 make no run folder of their own
     main()

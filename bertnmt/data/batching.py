@@ -23,6 +23,11 @@ class TokenBatchSampler(Sampler[list[int]]):
     batch order is shuffled with the same generator. ``shuffle=False``: batches in length order.
     A single sentence wider than ``max_tokens`` forms a batch of its own. ``set_epoch(epoch, skip=k)``
     leaves out the epoch's first ``k`` batches (a resumed epoch continues with the same remaining batches).
+
+    Data-parallel training (:meth:`set_shard`): every rank builds the same epoch's batch list and
+    rank r takes batches r, r+N, r+2N, ...; the last ``len % N`` batches of the epoch are dropped
+    (a different few each epoch), so every rank has the same number of batches and N ranks with
+    ``accum_steps=a`` make exactly the updates of one process with ``accum_steps=a*N``.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.epoch = 0
         self.skip = 0  # batches of the epoch already consumed (a resumed epoch)
+        self.rank, self.world_size = 0, 1
         self._batches: list[list[int]] | None = None
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -63,10 +69,28 @@ class TokenBatchSampler(Sampler[list[int]]):
             self._batches = None
         self.skip = skip
 
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Yield only rank ``rank``'s share of each epoch's batches (of ``world_size`` ranks)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size = rank, world_size
+        self._batches = None
+
+    def all_batches(self) -> list[list[int]]:
+        """Every batch of the current epoch, whatever the shard."""
+        return self._make_batches()
+
     def batches(self) -> list[list[int]]:
-        """The batches of the current epoch (computed once per epoch)."""
+        """This rank's batches of the current epoch (all of them in one process; computed once per epoch)."""
         if self._batches is None:
-            self._batches = self._make_batches()
+            batches = self._make_batches()
+            if self.world_size > 1:
+                if len(batches) < self.world_size:
+                    raise ConfigError(f"the training split makes {len(batches)} batches of data.max_tokens={self.max_tokens} "
+                                      f"for {self.world_size} processes; lower data.max_tokens or use fewer processes")
+                usable = len(batches) - len(batches) % self.world_size  # drop the remainder: equal counts
+                batches = batches[self.rank:usable:self.world_size]
+            self._batches = batches
         return self._batches
 
     def _make_batches(self) -> list[list[int]]:

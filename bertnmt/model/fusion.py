@@ -23,17 +23,36 @@ class BertAttention(MultiheadAttention):
             nn.init.zeros_(proj.bias)
 
 
+_DROP_NET_RNG: torch.Generator | None = None  # None: torch's global RNG (one process)
+
+
+def seed_drop_net(seed: int | None) -> None:
+    """Draw drop-net from a generator of its own, seeded with ``seed`` (None: torch's global RNG again).
+
+    Under DDP every rank seeds it identically (:class:`bertnmt.distributed.Replicas`), so every rank
+    keeps or skips the same branch in every layer whatever its batch shapes and dropout draws.
+    """
+    global _DROP_NET_RNG
+    _DROP_NET_RNG = None if seed is None else torch.Generator().manual_seed(seed)
+
+
+def drop_net_generator() -> torch.Generator | None:
+    """The generator set by :func:`seed_drop_net` (its state goes into checkpoints), or None."""
+    return _DROP_NET_RNG
+
+
 def drop_net_weights(p_net: float, training: bool) -> tuple[float, float]:
     """Drop-net trick (paper section 4): the weights of (first branch, BERT branch).
 
-    In training one uniform ``u`` is drawn per layer per forward call from torch's global RNG:
+    In training one uniform ``u`` is drawn per layer per forward call from torch's global RNG
+    (or the generator of :func:`seed_drop_net`, under DDP):
     ``u < p/2`` keeps only the first branch (self- or encoder-decoder attention), ``u > 1 - p/2``
     keeps only the BERT branch, otherwise both are averaged. At inference always the average.
     A weight of 0.0 means the caller must skip that branch entirely (no compute, no gradient).
     """
     if not training or p_net <= 0.0:
         return 0.5, 0.5
-    u = torch.rand(()).item()
+    u = torch.rand((), generator=_DROP_NET_RNG).item()
     if u < p_net / 2:
         return 1.0, 0.0
     if u > 1.0 - p_net / 2:
