@@ -12,17 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bertnmt import distributed
 from bertnmt.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
-from bertnmt.data.prepare import PreparedData, Split
+from bertnmt.data.prepare import PreparedData
 from bertnmt.freeze import FreezePolicy
 from bertnmt.model import decoder, encoder
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
 from bertnmt.training import Trainer
+from fake_data import fake_data as shared_fake_data
 
 # name -> (model overrides, freeze policy, epochs, accum_steps per rank under DDP)
 SCENARIOS: dict[str, tuple[dict[str, Any], FreezeConfig, int, int]] = {
@@ -35,23 +35,9 @@ SCENARIOS: dict[str, tuple[dict[str, Any], FreezeConfig, int, int]] = {
 }
 
 
-class FakeVocab:
-    pad_id = 0
-
-    def __len__(self) -> int:
-        return 50
-
-
 def fake_data(n: int = 48) -> PreparedData:
     """Random ids: target lengths 3..9, encoder ids [CLS] x [SEP] (ids 1000..1999 of the tiny BERT)."""
-    rng = np.random.default_rng(0)
-
-    def split(name: str) -> Split:
-        ids = lambda lo, hi: [rng.integers(lo, hi, size=int(rng.integers(3, 10))).astype(np.int32) for _ in range(n)]  # noqa: E731
-        enc = [np.concatenate([[101], e, [102]]).astype(np.int32) for e in ids(1000, 2000)]
-        return Split(name, [""] * n, [""] * n, ids(4, 50), ids(4, 50), enc)
-
-    return PreparedData("fake", Path("."), FakeVocab(), {"train": split("train"), "valid": split("valid")}, {})  # type: ignore[arg-type]
+    return shared_fake_data(n, max_len=10)
 
 
 def make_model(bert_path: str, model: ModelConfig) -> BertFusedTransformer:

@@ -11,38 +11,25 @@ import signal
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pytest
 import torch
 
 from bertnmt.checkpoint import LAST, load_checkpoint, save_checkpoint, step_checkpoints
 from bertnmt.cli import exit_code
 from bertnmt.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
-from bertnmt.data.prepare import PreparedData, Split
+from bertnmt.data.prepare import PreparedData
 from bertnmt.errors import CheckpointError, TrainingError, TrainingInterrupted
 from bertnmt.freeze import FreezePolicy
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.training import Trainer
+from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
 
 PLAIN = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.1, fused=False)
 
 
-class FakeVocab:
-    pad_id = 0
-
-    def __len__(self) -> int:
-        return 50
-
-
 def fake_data(n: int = 40) -> PreparedData:
-    rng = np.random.default_rng(0)
-
-    def split(name: str) -> Split:
-        ids = lambda: [rng.integers(4, 50, size=int(rng.integers(3, 9))).astype(np.int32) for _ in range(n)]  # noqa: E731
-        return Split(name, [""] * n, [""] * n, ids(), ids())
-
-    return PreparedData("fake", Path("."), FakeVocab(), {"train": split("train"), "valid": split("valid")}, {})  # type: ignore[arg-type]
+    return shared_fake_data(n, max_len=9, with_encoder=False)
 
 
 def make_trainer(run_dir: Path, epochs: int = 2, resume: Path | None = None, **trainer: object) -> Trainer:

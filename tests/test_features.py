@@ -13,12 +13,13 @@ import torch
 from bertnmt.config import BertConfig, Config, DataConfig, FreezeConfig, FreezeRule, ModelConfig, OptimConfig, TrainerConfig
 from bertnmt.data.collate import make_loader
 from bertnmt.data.features import estimate_bytes, feature_cache
-from bertnmt.data.prepare import PreparedData, Split
+from bertnmt.data.prepare import PreparedData
 from bertnmt.errors import ConfigError
 from bertnmt.freeze import FreezePolicy
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
 from bertnmt.training import Trainer
+from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
 
 TINY = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.1)
@@ -29,25 +30,9 @@ def bert_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_bert(tmp_path_factory.mktemp("bert"))
 
 
-class FakeVocab:
-    pad_id = 0
-    sha256 = "fake"
-
-    def __len__(self) -> int:
-        return 50
-
-
 def fake_data(folder: Path, n: int = 24) -> PreparedData:
-    rng = np.random.default_rng(0)
-
-    def split(name: str) -> Split:
-        ids = lambda lo, hi: [rng.integers(lo, hi, size=int(rng.integers(3, 9))).astype(np.int32) for _ in range(n)]  # noqa: E731
-        enc = [np.concatenate([[101], e, [102]]).astype(np.int32) for e in ids(1000, 2000)]
-        return Split(name, [""] * n, [""] * n, ids(4, 50), ids(4, 50), enc)
-
     folder.mkdir(parents=True, exist_ok=True)
-    splits = {"train": split("train"), "valid": split("valid")}
-    return PreparedData("fake", folder, FakeVocab(), splits, {})  # type: ignore[arg-type]
+    return shared_fake_data(n, max_len=9, folder=folder)
 
 
 def fused_model(bert_path: str) -> BertFusedTransformer:

@@ -10,19 +10,19 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from bertnmt.config import (BertConfig, Config, DataConfig, FreezeConfig, FreezeRule, ModelConfig, OptimConfig,
                             TrainerConfig, register_configs, to_config)
-from bertnmt.data.prepare import PreparedData, Split
+from bertnmt.data.prepare import PreparedData
 from bertnmt.errors import ConfigError
 from bertnmt.freeze import FreezePolicy
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
 from bertnmt.training import Trainer, smoothed_loss
+from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
 
 TINY = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.1)
@@ -345,22 +345,8 @@ def test_nmt_frozen_needs_a_fused_model_and_presets_skip_a_missing_encoder() -> 
 
 
 # -- the Trainer: per-epoch reports, switch logging, checkpoints and exact resume -------------------
-class FakeVocab:
-    pad_id = 0
-
-    def __len__(self) -> int:
-        return 50
-
-
 def fake_data(n: int = 24) -> PreparedData:
-    rng = np.random.default_rng(0)
-
-    def split(name: str) -> Split:
-        ids = lambda lo, hi: [rng.integers(lo, hi, size=int(rng.integers(3, 8))).astype(np.int32) for _ in range(n)]  # noqa: E731
-        enc = [np.concatenate([[101], e, [102]]).astype(np.int32) for e in ids(1000, 2000)]
-        return Split(name, [""] * n, [""] * n, ids(4, 50), ids(4, 50), enc)
-
-    return PreparedData("fake", Path("."), FakeVocab(), {"train": split("train"), "valid": split("valid")}, {})  # type: ignore[arg-type]
+    return shared_fake_data(n, max_len=8)
 
 
 def trainer_cfg(freeze: FreezeConfig, epochs: int) -> Config:
