@@ -53,12 +53,19 @@ def ranks(out: Path, name: str) -> tuple[dict, dict]:
     return r0, r1
 
 
+# A key projection's bias adds the same amount to every score of a query, which softmax ignores: its gradient is
+# zero in exact arithmetic, and what it gets is rounding noise that Adam scales up to full-size steps. Across
+# another summation order (one process summing two micro-batches, or two ranks all-reducing) that noise differs,
+# so these tensors are compared only between the two ranks of one run (exactly), not against one process.
+NOISE_ONLY = ("self_attn.k_proj.bias", "cross_attn.k_proj.bias", "bert_attn.k_proj.bias")
+
+
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
     assert a.keys() == b.keys()
     for k in a:
         if atol == 0.0:
             assert torch.equal(a[k], b[k]), k
-        else:
+        elif not k.endswith(NOISE_ONLY):
             torch.testing.assert_close(a[k], b[k], rtol=0.0, atol=atol, msg=k)
 
 
@@ -74,7 +81,12 @@ def check_equivalence(out: Path, bert_path: str, name: str, tmp_path: Path) -> t
     """Rank 0 == rank 1 exactly; both == one process with accum_steps=2 (the whole batch) to 1e-6."""
     r0, r1 = ranks(out, name)
     assert_same_weights(r0["weights"], r1["weights"])
-    one = run_scenario(name, bert_path, tmp_path, accum=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): the same kernels, the same rounding
+    try:
+        one = run_scenario(name, bert_path, tmp_path, accum=2)
+    finally:
+        torch.set_num_threads(threads)
     assert r0["step"] == one["step"] > 0
     assert_same_weights(r0["weights"], one["weights"], atol=1e-6)
     # the shards: disjoint halves of the epoch's batches, as many on each rank
