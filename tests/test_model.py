@@ -40,11 +40,11 @@ def make_model(bert_path: str | None, seed: int = 0, layer: int = -1, **kw) -> B
     return BertFusedTransformer(cfg, V, PAD, bert)
 
 
-def make_batch(B: int = 3, S: int = 7, T: int = 6, E: int = 9, seed: int = 1):
+def make_batch(B: int = 3, S: int = 7, T: int = 6, E: int = 9, seed: int = 1, vocab: int = V):
     """Right-padded src / tgt_in / encoder ids with different lengths per sentence."""
     g = torch.Generator().manual_seed(seed)
-    src = torch.randint(4, V, (B, S), generator=g)
-    tgt = torch.randint(4, V, (B, T), generator=g)
+    src = torch.randint(4, vocab, (B, S), generator=g)
+    tgt = torch.randint(4, vocab, (B, T), generator=g)
     tgt[:, 0] = BOS
     enc_ids = torch.randint(1000, 2000, (B, E), generator=g)
     enc_mask = torch.ones(B, E, dtype=torch.long)

@@ -16,8 +16,10 @@ from bertnmt.model.variants import fused_layer_ids
 from bertnmt.search import beam_search, greedy_search
 
 try:
+    from tests.test_model import make_batch as model_batch
     from tests.tiny_encoder import make_tiny_bert
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    from test_model import make_batch as model_batch
     from tiny_encoder import make_tiny_bert
 
 V, PAD, BOS, EOS = 30, 0, 2, 3
@@ -61,17 +63,8 @@ def build(bert_path: str, model_kw: dict, bert_kw: dict, seed: int = 0, frozen: 
 
 
 def make_batch(B: int = 3, S: int = 7, T: int = 6, E: int = 9, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(4, V, (B, S), generator=g)
-    tgt = torch.randint(4, V, (B, T), generator=g)
-    tgt[:, 0] = BOS
-    enc_ids = torch.randint(1000, 2000, (B, E), generator=g)
-    enc_mask = torch.ones(B, E, dtype=torch.long)
-    for b in range(B):
-        s, t, e = S - 2 * b, T - b, E - 3 * b
-        src[b, s:], src[b, s - 1], tgt[b, t:] = PAD, EOS, PAD
-        enc_ids[b, e:], enc_mask[b, e:] = 0, 0
-    return src, tgt, enc_ids, enc_mask
+    """test_model's right-padded batch, over this file's vocabulary."""
+    return model_batch(B, S, T, E, seed, vocab=V)
 
 
 def layers_with_bert_attn(stack) -> list[int]:
