@@ -157,6 +157,7 @@ class TrainerConfig:
     accum_steps: int = 1
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32
     log_every: int = 50
     valid_bleu: bool = True  # greedy BLEU on the validation split every epoch
     valid_max_sents: int = 0  # 0 = all

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from bertnmt.config import Config
 from bertnmt.data.collate import Batch, make_loader
 from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import PreparedData, Split
+from bertnmt.devices import autocast, peak_memory_mb, pick_device
 from bertnmt.errors import CheckpointError, TrainingInterrupted
 from bertnmt.faults import StopSignal, UpdateGuard
 from bertnmt.freeze import FreezePolicy
@@ -40,26 +39,6 @@ from bertnmt.results import append_jsonl, keep_until
 from bertnmt.search import beam_search, greedy_search
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; fp32 on the CPU (the default there, see docs/benchmarks.md)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated, or the process's peak resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def inverse_sqrt(warmup: int):
@@ -92,7 +71,7 @@ def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad_id: int, eps: 
 
 
 def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device: torch.device,
-                 use_features: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 use_features: bool = True, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One training forward: (summed smoothed loss, summed NLL) of a batch.
 
     The cached H_B in ``batch.bert_feats`` is used when present and ``use_features``; the output
@@ -101,7 +80,7 @@ def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device
     if batch.bert_feats is not None and use_features:
         bert_out = (batch.bert_feats.float(), batch.enc_mask.eq(0))  # (B, E, Hb), (B, E)
     keep = batch.tgt_out.ne(pad_id)  # (B, T)
-    with autocast(device):
+    with autocast(device, precision):
         logits = model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out, keep=keep)  # (N, V)
     return smoothed_loss(logits, batch.tgt_out[keep], pad_id, eps)
 
@@ -152,7 +131,7 @@ def translate_split(model: nn.Module, data: PreparedData, split: Split, cfg: Con
                          features=features)
     hyps: list[str] = [""] * n
     ev = cfg.eval
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, cfg.trainer.precision):
         for batch in loader:
             batch = batch.to(device)
             for i in range(0, batch.src.size(0), ev.batch_sents):
@@ -189,6 +168,7 @@ class Trainer:
         self.cfg, self.model, self.data, self.policy = cfg, model, data, policy
         self.run_dir, self.stage, self.meta = Path(run_dir), stage, meta
         self.device = pick_device(cfg.trainer.device)
+        autocast(self.device, cfg.trainer.precision)  # a bad trainer.precision fails here, before any work
         self.model.to(self.device)
         # the training forward; the same module (same parameters) when compiled, so state dicts are unchanged
         self.step_model = torch.compile(model) if cfg.trainer.compile else model
@@ -284,7 +264,8 @@ class Trainer:
         model = self.replicas.forward_model()  # issue 7b: the DDP wrapper for training forwards under torchrun
         model = self.step_model if model is self.model else model  # (torch.compile'd in one process)
         return forward_loss(model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
-                            use_features=bool(self.features))  # cached H_B, never once the encoder trains
+                            use_features=bool(self.features),  # cached H_B, never once the encoder trains
+                            precision=self.cfg.trainer.precision)
 
     def _update(self, accum: list[Batch], epoch: int, pos: EpochPosition) -> bool:
         """One optimizer update over ``accum``; False when it was skipped (non-finite loss, out of memory)."""

@@ -24,7 +24,8 @@ from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
 from bertnmt.errors import ConfigError
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.search import beam_search, greedy_search
-from bertnmt.training import autocast, pick_device, translate_split
+from bertnmt.devices import autocast, pick_device
+from bertnmt.training import translate_split
 
 log = logging.getLogger(__name__)
 

@@ -268,3 +268,30 @@ def test_keep_returns_the_logits_of_the_kept_positions() -> None:
     keep[1, 4:] = False
     full = model(src, tgt)  # (B, T, V)
     torch.testing.assert_close(model(src, tgt, keep=keep), full[keep])
+
+
+def test_trainer_precision_selects_autocast_and_rejects_typos() -> None:
+    from bertnmt.data.collate import Batch
+    from bertnmt.devices import autocast
+    from bertnmt.training import forward_loss
+
+    cpu = torch.device("cpu")
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with autocast(cpu):  # auto on the CPU: fp32
+        assert (a @ b).dtype == torch.float32
+    with autocast(cpu, "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast(cpu, "fp32"):
+        assert (a @ b).dtype == torch.float32
+    with pytest.raises(ConfigError, match=r"trainer.precision='bf-16'"):
+        autocast(cpu, "bf-16")
+    # the training forward honours it: bf16 changes the loss, but only by rounding
+    model = make_model(None, fused=False).eval()
+    src, tgt, _, _ = make_batch()
+    tgt_out = torch.cat([tgt[:, 1:], torch.full((tgt.size(0), 1), PAD)], 1)  # (B, T)
+    batch = Batch(src, tgt, tgt_out, None, None, None, torch.arange(3), int(tgt_out.ne(PAD).sum()))
+    fp32, _ = forward_loss(model, batch, PAD, 0.1, cpu, precision="fp32")
+    bf16, _ = forward_loss(model, batch, PAD, 0.1, cpu, precision="bf16")
+    assert fp32.dtype == bf16.dtype == torch.float32  # the loss itself is summed in fp32
+    assert bf16.item() != fp32.item()
+    torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=0)
