@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bertnmt.devices import autocast, peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_VARIANTS = ["plain", "fused_cached", "fused_live", "fused_finetune", "marian", "plain_bf16"]
@@ -76,23 +77,13 @@ def compose_cfg(spec: BenchSpec):
         return to_config(compose(config_name="config", overrides=overrides))
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _autocast(spec: BenchSpec, device: torch.device):
-    if device.type == "cuda" or spec.bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    from contextlib import nullcontext
-
-    return nullcontext()
+    return autocast(device, "bf16" if spec.bf16 else "auto")  # the Trainer's: bf16 on CUDA, fp32 on the CPU
 
 
 def _setup(spec: BenchSpec, variant: str):
@@ -179,7 +170,7 @@ def train_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     epoch_batches = len(loader)
     return {"variant": variant, "step_s": elapsed / spec.steps, "tokens_per_s": ntok / elapsed,
             "epoch_batches": epoch_batches, "epoch_s_est": elapsed / spec.steps * epoch_batches,
-            "peak_mb": _peak_mb(device), "shapes": shapes, "encoder_weights_mb": _encoder_mb(model),
+            "peak_mb": peak_memory_mb(device), "shapes": shapes, "encoder_weights_mb": _encoder_mb(model),
             "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters())}
 
 
@@ -266,7 +257,7 @@ def decode_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     n = sum(b.src.size(0) for b in batches)
     shapes = [(b.src.size(0), b.src.size(1), 0, b.enc_ids.size(1)) for b in batches]
     return {"variant": variant, "sents_per_s": n / elapsed, "decode_s": elapsed, "sentences": n,
-            "tokens_out": n_tok, "peak_mb": _peak_mb(device), "shapes": shapes}
+            "tokens_out": n_tok, "peak_mb": peak_memory_mb(device), "shapes": shapes}
 
 
 def worker(spec: BenchSpec, variant: str) -> dict[str, Any]:

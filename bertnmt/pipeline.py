@@ -30,6 +30,7 @@ from bertnmt.data.collate import make_loader
 from bertnmt.data.features import FeatureStore, feature_cache
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
+from bertnmt.devices import pick_device
 from bertnmt.errors import BertNMTError, CheckpointError, ConfigError
 from bertnmt.export import export_model
 from bertnmt.freeze import FreezePolicy, schedule_table
@@ -38,7 +39,6 @@ from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder, check_tokenizer
 from bertnmt.results import append_jsonl
 from bertnmt.rundir import CONFIG, open_run_dir, release, save_config, stage_marker
-from bertnmt.devices import pick_device
 from bertnmt.training import StageResult, Trainer, load_best, translate_split
 
 log = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ from bertnmt.data.collate import make_loader
 from bertnmt.data.corpora import normalise
 from bertnmt.data.prepare import PreparedData, Split
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
+from bertnmt.devices import autocast, pick_device
 from bertnmt.errors import ConfigError
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.search import beam_search, greedy_search
-from bertnmt.devices import autocast, pick_device
 from bertnmt.training import translate_split
 
 log = logging.getLogger(__name__)
