@@ -62,11 +62,9 @@ def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad_id: int, eps: 
     V = logits.size(-1)
     lp = F.log_softmax(logits.float().view(-1, V), dim=-1)  # (N, V)
     target = target.reshape(-1)  # (N,)
-    keep = target.ne(pad_id)
-    if not bool(keep.all()):  # on the trainer's path pads were already removed (Trainer._forward_loss)
-        lp, target = lp[keep], target[keep]
-    nll = -lp.gather(1, target.unsqueeze(1)).sum()
-    loss = nll if eps == 0 else (1.0 - eps) * nll - (eps / V) * lp.sum()
+    keep = target.ne(pad_id).to(lp.dtype)  # (N,) a multiplicative mask: no host sync (boolean indexing would)
+    nll = -(lp.gather(1, target.unsqueeze(1)).squeeze(1) * keep).sum()
+    loss = nll if eps == 0 else (1.0 - eps) * nll - (eps / V) * (lp.sum(-1) * keep).sum()
     return loss, nll.detach()
 
 
