@@ -151,6 +151,18 @@ class OptimConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Stop a stage once its validation metric has not improved for ``patience`` epochs in a row.
+
+    ``trainer.max_epochs`` (and ``max_steps``) stay the cap. With early stopping on, the stage's best
+    checkpoint is chosen by the same metric. Read by :func:`bertnmt.training.early_stop_epoch`."""
+
+    patience: int = 0  # 0 = off: train to trainer.max_epochs
+    metric: str = "loss"  # loss (validation label-smoothed loss, lower is better) | bleu (greedy validation BLEU)
+    min_delta: float = 0.0  # an epoch improves only when it beats the best so far by more than this
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 10
     max_steps: int = 0  # 0 = no limit
@@ -170,6 +182,7 @@ class TrainerConfig:
     progress: bool = True
     compile: bool = False  # torch.compile the model for training (worth it on a GPU; see docs/benchmarks.md)
     dist_timeout_min: int = 60  # torchrun: how long a rank waits for the others (e.g. rank 0's data preparation)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
 
 @dataclass
@@ -194,6 +207,9 @@ class WarmStartConfig:
     # warm_start.max_epochs + trainer.max_epochs (and max_steps likewise), the epochs of baseline + fused stage
     # together. The ablations' from-scratch rows use "total", so they train as long as the warm-started rows.
     scratch_budget: str = "stage"
+    # Also train the plain Transformer continued from the same warm start for exactly as many updates as
+    # the fused stage made (stage "transformer"), so that the run's summary compares equal budgets.
+    compare: bool = False
 
 
 @dataclass

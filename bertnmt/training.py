@@ -26,12 +26,12 @@ from bertnmt import distributed  # issue 7b: DDP under torchrun; no-ops in one p
 from bertnmt.checkpoint import (BEST, LAST, latest_checkpoint, link_checkpoint, load_checkpoint, load_model_weights,
                                 model_weights, remove_temp_files, rng_state, rotate, save_checkpoint, set_rng_state,
                                 step_checkpoint)
-from bertnmt.config import Config
+from bertnmt.config import Config, EarlyStopConfig
 from bertnmt.data.collate import Batch, make_loader
 from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import PreparedData, Split
 from bertnmt.devices import autocast, peak_memory_mb, pick_device
-from bertnmt.errors import CheckpointError, TrainingInterrupted
+from bertnmt.errors import CheckpointError, ConfigError, TrainingInterrupted
 from bertnmt.faults import StopSignal, UpdateGuard
 from bertnmt.freeze import FreezePolicy
 from bertnmt.metrics import corpus_scores
@@ -83,11 +83,55 @@ def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device
     return smoothed_loss(logits, batch.tgt_out[keep], pad_id, eps)
 
 
+def monitored(rec: dict[str, Any], metric: str) -> float:
+    """An epoch record's early-stopping value, higher is better: valid BLEU, or minus the valid loss."""
+    return float(rec["valid_bleu"]) if metric == "bleu" else -float(rec["valid_loss"])
+
+
+def check_early_stop(es: EarlyStopConfig, valid_bleu: bool) -> None:
+    if es.metric not in ("loss", "bleu"):
+        raise ConfigError(f"trainer.early_stop.metric={es.metric!r} is not one of loss, bleu")
+    if es.patience < 0 or es.min_delta < 0:
+        raise ConfigError(f"trainer.early_stop: patience={es.patience} and min_delta={es.min_delta} must be >= 0")
+    if es.patience and es.metric == "bleu" and not valid_bleu:
+        raise ConfigError("trainer.early_stop.metric=bleu needs trainer.valid_bleu=true")
+
+
+def best_epoch(epochs: list[dict[str, Any]], es: EarlyStopConfig) -> int | None:
+    """The epoch whose validation metric was the best (the first of equals); None without epochs."""
+    best: tuple[float, int] | None = None
+    for rec in epochs:
+        v = monitored(rec, es.metric)
+        if best is None or v > best[0] + es.min_delta:
+            best = (v, int(rec["epoch"]))
+    return None if best is None else best[1]
+
+
+def early_stop_epoch(epochs: list[dict[str, Any]], es: EarlyStopConfig) -> int | None:
+    """The epoch after which the stage stops early: ``patience`` epochs in a row without an improvement
+    of more than ``min_delta`` over the best so far; None while it should go on (or with patience 0).
+
+    A pure function of the epoch records, so a resumed stage (which reloads its records) decides alike."""
+    if es.patience <= 0:
+        return None
+    best, since = -math.inf, 0
+    for rec in epochs:
+        v = monitored(rec, es.metric)
+        if v > best + es.min_delta:
+            best, since = v, 0
+        else:
+            since += 1
+            if since >= es.patience:
+                return int(rec["epoch"])
+    return None
+
+
 @dataclass
 class StageResult:
     stage: str
     best_path: Path
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    stop: str = "max_epochs"  # why training ended: max_epochs | max_steps | early_stop
 
     @property
     def mean_epoch_time(self) -> float:
@@ -167,6 +211,7 @@ class Trainer:
         self.run_dir, self.stage, self.meta = Path(run_dir), stage, meta
         self.device = pick_device(cfg.trainer.device)
         autocast(self.device, cfg.trainer.precision)  # a bad trainer.precision fails here, before any work
+        check_early_stop(cfg.trainer.early_stop, cfg.trainer.valid_bleu)
         self.model.to(self.device)
         # the training forward; the same module (same parameters) when compiled, so state dicts are unchanged
         self.step_model = torch.compile(model) if cfg.trainer.compile else model
@@ -402,19 +447,36 @@ class Trainer:
         try:
             with self.stop:
                 for epoch in range(self.start_epoch, t.max_epochs + 1):
+                    if self._stops_early(result):  # also when resumed after the deciding epoch
+                        break
                     if t.max_steps and self.step >= t.max_steps and self._resume_pos is None:
+                        result.stop = "max_steps"
                         break
                     self._run_epoch(epoch, result)
                     if self.stop.requested:
                         raise TrainingInterrupted(self.stop.signum, self.step, str(self.ckpt_dir / LAST))
                     if t.max_steps and self.step >= t.max_steps:
+                        result.stop = "max_steps"
                         break
+                else:
+                    self._stops_early(result)  # the cap was reached: was the last epoch also the stopping one?
         finally:
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
         distributed.barrier()  # issue 7b: rank 0's checkpoints exist before any rank loads them
         return result
+
+    def _stops_early(self, result: StageResult) -> bool:
+        es = self.cfg.trainer.early_stop
+        at = early_stop_epoch(result.epochs, es)
+        if at is None:
+            return False
+        if result.stop != "early_stop":
+            log.info("[%s] early stop after epoch %d: valid %s has not improved by more than %g for %d epoch(s); "
+                     "best epoch %s", self.stage, at, es.metric, es.min_delta, es.patience, best_epoch(result.epochs, es))
+        result.stop = "early_stop"
+        return True
 
     def _run_epoch(self, epoch: int, result: StageResult) -> None:
         """Train, validate, record and checkpoint one epoch."""
@@ -428,7 +490,9 @@ class Trainer:
         result.epochs.append(rec)
         self._record(rec)
         self._log_epoch(rec)
-        metric = va.get("valid_bleu", -va["valid_loss"])
+        es = self.cfg.trainer.early_stop
+        # the best checkpoint: by the early-stopping metric when that is on, else valid BLEU when measured
+        metric = monitored(rec, es.metric) if es.patience else va.get("valid_bleu", -va["valid_loss"])
         improved = metric > self.best
         self.best = max(self.best, metric)
         self._save(epoch, EpochPosition(epoch_done=True), metric, best=improved)
