@@ -238,7 +238,9 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
         cfg,
         model=replace(cfg.model, fused=False),
         freeze=FreezeConfig(policy="finetune"),  # the warm-start baseline trains everything, whatever the fused policy
-        trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps),
+        # a fixed budget: early stopping would make the cached baseline depend on a setting its key leaves out
+        trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps,
+                        early_stop=EarlyStopConfig()),
     )
     summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": asdict(bcfg.model)}, None, explicit=explicit)
     if distributed.is_main():  # issue 7b: rank 0 fills the cache, the others wait for it

@@ -73,3 +73,10 @@ def test_freeze_experiments_select_their_preset(exp: str, policy: str) -> None:
     cfg = compose_cfg([f"+exp={exp}"])
     assert cfg.freeze.policy == policy and cfg.model.fused and cfg.warm_start.auto
     assert compose_cfg([f"+exp={exp}", "freeze.unit=step"]).freeze.unit == "step"
+
+
+def test_paper_optimizer_clips_gradients_like_the_official_recipe() -> None:
+    from omegaconf import OmegaConf
+
+    paper = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "optim" / "paper.yaml")
+    assert paper.clip_norm == 25.0 and paper.lr == 5e-4 and paper.warmup_steps == 4000
