@@ -18,6 +18,7 @@ from bertnmt.ablation_report import REFERENCE, RowResult, read_row
 from bertnmt.significance import compare_files
 
 START, END = "<!-- converged-table:start -->", "<!-- converged-table:end -->"
+START_LABEL = {"baseline": "warm start", "continued": "continued", "scratch": "scratch"}
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -75,26 +76,22 @@ def converged_table(out: str | Path, jobs: list[tuple[str, int]]) -> str:
         seeds = planned[row.name]
         done = [] if res is None else [s for s in res.seeds if s in seeds]
         paper = "–" if row.paper_delta is None else f"{row.paper_delta:+.2f}"
+        start = START_LABEL.get(row.init, row.init)
         if res is None or not res.bleu:
-            lines.append(f"| {row.label} | {row.init} | 0/{len(seeds)} | pending | pending | pending | {paper} "
+            lines.append(f"| {row.label} | {start} | 0/{len(seeds)} | pending | pending | pending | {paper} "
                          f"| pending | pending | pending |")
             continue
         delta = "–" if ref_mean is None else f"{statistics.fmean(res.bleu) - ref_mean:+.2f}"
-        if row.name == REFERENCE:
-            p_cell = "(reference)"
-            sig: dict[int, dict[str, Any]] = {}
-        else:
-            sig = significance(res, ref) if ref is not None else {}
-            p_cell = ", ".join(f"{sig[s]['p_value']:.3f} (s{s})" for s in sorted(sig)) or "pending"
+        sig = significance(res, ref) if ref is not None else {}  # the reference against itself: its interval
+        p_cell = ("(reference)" if row.name == REFERENCE else
+                  ", ".join(f"{sig[s]['p_value']:.3f} (s{s})" for s in sorted(sig)) or "pending")
         ci = []
         for s in res.seeds:
             if s in sig:
                 lo, hi = sig[s]["system_ci"]
                 ci.append(f"[{lo:.2f}, {hi:.2f}] (s{s})")
-        if row.name == REFERENCE:
-            ci = ["see the rows' p-values"]
         lines.append(
-            f"| {row.label} | {row.init} | {len(done)}/{len(seeds)} ({', '.join(f's{s}' for s in res.seeds)}) "
+            f"| {row.label} | {start} | {len(done)}/{len(seeds)} ({', '.join(f's{s}' for s in res.seeds)}) "
             f"| {_mean_sd(res.bleu)} | {_mean_sd(res.chrf)} | {delta} | {paper} | {_epochs_cell(res)} | {p_cell} "
             f"| {'; '.join(ci) or 'pending'} |")
     return "\n".join(lines)
@@ -103,8 +100,8 @@ def converged_table(out: str | Path, jobs: list[tuple[str, int]]) -> str:
 LEGEND = (
     "test BLEU / chrF: beam search on the test split, sacreBLEU; mean ± sample sd over the finished seeds. "
     "Δ BLEU ours: the row's mean minus the Transformer row's mean. Δ BLEU paper: the paper's IWSLT'14 En→De "
-    "BLEU minus its Transformer (28.57). start: `baseline` = warm start from the shared baseline of the same "
-    "seed, `continued` = the plain Transformer continuing that baseline, `scratch` = trained from scratch. "
+    "BLEU minus its Transformer (28.57). start: `warm start` from the shared baseline of the same seed, "
+    "`continued` = the plain Transformer continuing that baseline, `scratch` = trained from scratch. "
     "epochs: the epoch with the lowest validation loss (whose checkpoint is tested) / the epochs the row's own "
     "stage trained, per seed (`cap`: stopped by the epoch cap, not converged). p vs Transformer: sacreBLEU's "
     "paired bootstrap (1,000 resamples) of the row against the Transformer row of the same seed (sN); "

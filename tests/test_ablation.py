@@ -332,15 +332,28 @@ def test_converged_table_with_pending_rows_and_paired_bootstrap(tmp_path: Path) 
     assert expect["p_value"] < 0.01 and expect["system"] > expect["baseline"]
     fused = lines["BERT-fused: frozen, drop-net 1.0, warm start"]
     lo, hi = expect["system_ci"]
-    assert (f"| baseline | 1/2 (s1) | 25.00 | 51.00 | +3.50 | +1.88 | 4/6 | {expect['p_value']:.3f} (s1) "
+    assert (f"| warm start | 1/2 (s1) | 25.00 | 51.00 | +3.50 | +1.88 | 4/6 | {expect['p_value']:.3f} (s1) "
             f"| [{lo:.2f}, {hi:.2f}] (s1) |") in fused
-    assert "| continued | 2/2 (s1, s2) | 21.50 ± 0.71 | 51.50 ± 0.71 | +0.00 | +0.00 | 4/6, 4/6 | (reference) |" in \
-        lines["Transformer (no pretrained encoder)"]
-    assert "| baseline | 0/1 | pending |" in lines["drop-net p_net = 0.0"]
+    lo, hi = expect["baseline_ci"]  # the reference row's own interval
+    assert (f"| continued | 2/2 (s1, s2) | 21.50 ± 0.71 | 51.50 ± 0.71 | +0.00 | +0.00 | 4/6, 4/6 | (reference) "
+            f"| [{lo:.2f}, {hi:.2f}] (s1); [{lo:.2f}, {hi:.2f}] (s2) |") in lines["Transformer (no pretrained encoder)"]
+    assert "| warm start | 0/1 | pending |" in lines["drop-net p_net = 0.0"]
     doc = tmp_path / "doc.md"
     doc.write_text(f"# x\n\n{START}\nold\n{END}\n\ntail\n")
     update_doc(doc, table)
     assert doc.read_text() == f"# x\n\n{START}\n{table}\n{END}\n\ntail\n"
+    # the script rebuilds the same table into a document
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("ablate_script", ROOT / "scripts" / "ablate.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc.write_text(f"# x\n\n{START}\nold\n{END}\n")
+    rows = ",".join(f"{n}@{s}" for n, s in jobs)
+    assert mod.main(["--report-only", "--converge", "--rows", rows, "--out", str(tmp_path), "--doc", str(doc)]) == 0
+    assert doc.read_text() == f"# x\n\n{START}\n{table}\n{END}\n"
+    assert "Pending: fused@2, dropnet_00@1." in (tmp_path / "converged.md").read_text()
+    assert mod.main(["--report-only", "--out", str(tmp_path), "--doc", str(doc)]) == 2  # --doc needs --converge
     bare = tmp_path / "bare.md"
     bare.write_text("no markers\n")
     with pytest.raises(ConfigError, match="no <!-- converged-table:start"):
