@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from bertnmt.config import Config, register_configs, to_config
-from bertnmt.errors import BertNMTError, ConfigError
+from bertnmt.errors import BertNMTError, ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -324,15 +324,23 @@ def run_ablation(
             groups[-1][1].append(r)
         else:
             groups.append((s, [r]))
+    failed: list[str] = []
     for s, group in groups:
         log.info("seed %d: running %d row(s): %s", s, len(group), ", ".join(r.name for r in group))
         if launcher == "multirun":
             _launch_multirun(group, s, out, [*cfg_over, *hydra_over])
-        else:
-            for r in group:
+            continue
+        for r in group:
+            try:
                 _run_inprocess(r, s, out, cfg_over)
+            except TrainingError as e:  # one diverged run does not stop an unattended sweep
+                log.error("row %s seed %d failed: %s; going on with the next run", r.name, s, e)
+                failed.append(f"{r.name}@{s} ({e})")
     row_arg = rows if isinstance(rows, str) or rows is None else ",".join(rows)
     command = " ".join(["python scripts/ablate.py", f"--out {out}", *(["--converge"] if converge else []),
                         *([] if rows is None else [f"--rows {row_arg}"]),
                         *([f"--seeds {','.join(map(str, seeds))}"] if seeds_given else []), *overrides])
-    return write_report(out, command=command, jobs=[(r.name, s) for r, s in jobs] if converge else None)
+    md = write_report(out, command=command, jobs=[(r.name, s) for r, s in jobs] if converge else None)
+    if failed:
+        raise TrainingError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; the report holds the others ({md})")
+    return md

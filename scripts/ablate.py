@@ -16,7 +16,7 @@ import sys
 
 from bertnmt.ablation import LAUNCHERS, ROWS, parse_seeds, plan_jobs, run_ablation
 from bertnmt.ablation_report import write_report
-from bertnmt.errors import BertNMTError, ConfigError
+from bertnmt.errors import BertNMTError, ConfigError, TrainingInterrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except BertNMTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # SIGTERM / SIGINT: the run saved a checkpoint; the same command resumes
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + e.signum
     print(f"report: {md} (plot: {md.with_suffix('.png')})")
     if args.converge:
         print(f"converged table: {md.with_name('converged.md')}")

@@ -429,3 +429,22 @@ def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Pat
     assert "All runs finished." in table and "| 2/2 (s1, s2) |" in table and "1/2 cap" not in table
     assert re.search(r"\| 1/1 \(s1\) \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \| \+1\.88 \| 1/2 \| 0\.\d{3} \(s1\) \|", table)
     assert md.name == "ablations.md"
+
+
+def test_a_failed_run_does_not_stop_the_sweep(tmp_path: Path, monkeypatch) -> None:
+    import bertnmt.ablation as ablation
+    from bertnmt.errors import TrainingError
+
+    ran = []
+
+    def fake(row, seed, out, overrides):
+        ran.append((row.name, seed))
+        if row.name == "finetune":
+            raise TrainingError("5 non-finite losses in a row at step 7")
+        _fake_run(out, row.name, seed, 20.0)
+
+    monkeypatch.setattr(ablation, "_run_inprocess", fake)
+    with pytest.raises(TrainingError, match=r"1 run\(s\) failed: finetune@1 \(5 non-finite"):
+        run_ablation(tmp_path, "transformer@1,finetune@1,fused@1", launcher="inprocess", converge=True)
+    assert ran == [("transformer", 1), ("finetune", 1), ("fused", 1)]
+    assert "Pending: finetune@1." in (tmp_path / "converged.md").read_text()
