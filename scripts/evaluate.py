@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from bertnmt.errors import BertNMTError
+from bertnmt.cli import tool_exit_code
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,15 +46,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from bertnmt.evaluate import evaluate, format_record
 
-    try:
+    def run() -> None:
         rec = evaluate(args.model, split=args.split, src=args.src, ref=args.ref, beam=args.beam, lenpen=args.lenpen,
                        paper_style=args.paper_style, lowercase=args.lowercase, tokenize=args.tokenize,
                        tgt_lang=args.tgt_lang, out=args.out, device=args.device, bert_path=args.bert_path,
                        vocab=args.vocab, limit=args.limit, cache_dir=args.cache_dir, config=args.config)
-    except BertNMTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(format_record(rec))
+        print(format_record(rec))
+
+    code = tool_exit_code(run)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
