@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--split", default="test", help="a split of the model's configured corpus (default: test)")
     what.add_argument("--src", help="a source file (one sentence a line) instead of a split")
     what.add_argument("--ref", help="references for --src (same number of lines)")
-    what.add_argument("--limit", type=int, default=0, help="only the first N sentences")
+    what.add_argument("--limit", type=int, default=0, help="only the first N sentences (0, the default: all)")
     what.add_argument("--cache-dir", help="prepared-data cache (default: the run's data.cache_dir)")
     dec = p.add_argument_group("decoding")
     dec.add_argument("--beam", type=int, help="beam size (default: the run's eval.beam; 1 = greedy)")

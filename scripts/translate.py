@@ -85,7 +85,11 @@ def translate(args: argparse.Namespace) -> None:
         print(f"{tr}\ntype a sentence and press Enter (Ctrl-D quits)", file=sys.stderr)
         n = 0
         while True:
-            line = prompt("> ")
+            try:
+                line = prompt("> ")
+            except UnicodeDecodeError:  # the terminal sent bytes that are not UTF-8: ask again
+                print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+                continue
             if line is None:
                 break
             emit(n, [line])

@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +43,6 @@ class Row:
     code: int = 2
     check: Callable[[Done], None] | None = None
     close_stdout_after: int | None = None  # read this many lines, then close the pipe (``| head -N``)
-    extra: dict = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
