@@ -39,8 +39,15 @@ def check_tokenize(tokenize: str | None) -> None:
     """A ConfigError unless ``tokenize`` is one of sacreBLEU's tokenizers (checked before decoding)."""
     from sacrebleu.metrics import BLEU
 
-    if tokenize is not None and tokenize not in BLEU.TOKENIZERS:
-        raise ConfigError(f"--tokenize {tokenize!r} is not a sacreBLEU tokenizer; choose one of {', '.join(BLEU.TOKENIZERS)}")
+    if tokenize is None:
+        return
+    if tokenize not in BLEU.TOKENIZERS:
+        raise ConfigError(f"--tokenize {tokenize!r} is not a sacreBLEU tokenizer; "
+                          f"choose one of {', '.join(BLEU.TOKENIZERS)}")
+    try:
+        BLEU(tokenize=tokenize)
+    except (RuntimeError, ImportError, OSError) as e:  # mecab without its package, spm without its download
+        raise ConfigError(f"--tokenize {tokenize!r} is not usable here: {' '.join(str(e).split())}") from None
 
 
 def _split_texts(tr: Translator, split: str, cache_dir: str | None) -> tuple[list[str], list[str]]:
