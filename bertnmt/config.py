@@ -155,7 +155,7 @@ class EarlyStopConfig:
     """Stop a stage once its validation metric has not improved for ``patience`` epochs in a row.
 
     ``trainer.max_epochs`` (and ``max_steps``) stay the cap. With early stopping on, the stage's best
-    checkpoint is chosen by the same metric. Read by :func:`bertnmt.training.early_stop_epoch`."""
+    checkpoint is chosen by the same metric. Read by :func:`bertnmt.early_stop.early_stop_epoch`."""
 
     patience: int = 0  # 0 = off: train to trainer.max_epochs
     metric: str = "loss"  # loss (validation label-smoothed loss, lower is better) | bleu (greedy validation BLEU)

@@ -39,7 +39,8 @@ from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder, check_tokenizer
 from bertnmt.results import append_jsonl
 from bertnmt.rundir import CONFIG, open_run_dir, release, save_config, stage_marker
-from bertnmt.training import StageResult, Trainer, best_epoch, load_best, translate_split
+from bertnmt.early_stop import best_epoch
+from bertnmt.training import StageResult, Trainer, load_best, translate_split
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,13 @@ from bertnmt import distributed  # issue 7b: DDP under torchrun; no-ops in one p
 from bertnmt.checkpoint import (BEST, LAST, latest_checkpoint, link_checkpoint, load_checkpoint, load_model_weights,
                                 model_weights, remove_temp_files, rng_state, rotate, save_checkpoint, set_rng_state,
                                 step_checkpoint)
-from bertnmt.config import Config, EarlyStopConfig
+from bertnmt.config import Config
 from bertnmt.data.collate import Batch, make_loader
 from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import PreparedData, Split
 from bertnmt.devices import autocast, peak_memory_mb, pick_device
-from bertnmt.errors import CheckpointError, ConfigError, TrainingInterrupted
+from bertnmt.early_stop import best_epoch, check_early_stop, early_stop_epoch, monitored
+from bertnmt.errors import CheckpointError, TrainingInterrupted
 from bertnmt.faults import StopSignal, UpdateGuard
 from bertnmt.freeze import FreezePolicy
 from bertnmt.metrics import corpus_scores
@@ -81,49 +82,6 @@ def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device
     with autocast(device, precision):
         logits = model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out, keep=keep)  # (N, V)
     return smoothed_loss(logits, batch.tgt_out[keep], pad_id, eps)
-
-
-def monitored(rec: dict[str, Any], metric: str) -> float:
-    """An epoch record's early-stopping value, higher is better: valid BLEU, or minus the valid loss."""
-    return float(rec["valid_bleu"]) if metric == "bleu" else -float(rec["valid_loss"])
-
-
-def check_early_stop(es: EarlyStopConfig, valid_bleu: bool) -> None:
-    if es.metric not in ("loss", "bleu"):
-        raise ConfigError(f"trainer.early_stop.metric={es.metric!r} is not one of loss, bleu")
-    if es.patience < 0 or es.min_delta < 0:
-        raise ConfigError(f"trainer.early_stop: patience={es.patience} and min_delta={es.min_delta} must be >= 0")
-    if es.patience and es.metric == "bleu" and not valid_bleu:
-        raise ConfigError("trainer.early_stop.metric=bleu needs trainer.valid_bleu=true")
-
-
-def best_epoch(epochs: list[dict[str, Any]], es: EarlyStopConfig) -> int | None:
-    """The epoch whose validation metric was the best (the first of equals); None without epochs."""
-    best: tuple[float, int] | None = None
-    for rec in epochs:
-        v = monitored(rec, es.metric)
-        if best is None or v > best[0] + es.min_delta:
-            best = (v, int(rec["epoch"]))
-    return None if best is None else best[1]
-
-
-def early_stop_epoch(epochs: list[dict[str, Any]], es: EarlyStopConfig) -> int | None:
-    """The epoch after which the stage stops early: ``patience`` epochs in a row without an improvement
-    of more than ``min_delta`` over the best so far; None while it should go on (or with patience 0).
-
-    A pure function of the epoch records, so a resumed stage (which reloads its records) decides alike."""
-    if es.patience <= 0:
-        return None
-    best, since = -math.inf, 0
-    for rec in epochs:
-        v = monitored(rec, es.metric)
-        if v > best + es.min_delta:
-            best, since = v, 0
-        else:
-            since += 1
-            if since >= es.patience:
-                return int(rec["epoch"])
-    return None
 
 
 @dataclass

@@ -267,7 +267,7 @@ def test_toy_table_runs_every_row_through_multirun_and_resumes(tmp_path: Path, t
 # -- the converged sweep ------------------------------------------------------------------------
 def test_early_stopping_rule_is_a_function_of_the_epoch_records() -> None:
     from bertnmt.config import EarlyStopConfig
-    from bertnmt.training import best_epoch, check_early_stop, early_stop_epoch
+    from bertnmt.early_stop import best_epoch, check_early_stop, early_stop_epoch
 
     recs = [{"epoch": i + 1, "valid_loss": v, "valid_bleu": b}
             for i, (v, b) in enumerate([(3.0, 10), (2.5, 12), (2.49, 11), (2.6, 13), (2.7, 12.5)])]
