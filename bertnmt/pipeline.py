@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from bertnmt import distributed  # issue 7b: torchrun; no-ops in one process
 from bertnmt.checkpoint import load_checkpoint, warm_start
-from bertnmt.config import Config, FreezeConfig, TrainerConfig
+from bertnmt.config import Config, FreezeConfig, TrainerConfig, check_device, check_values
 from bertnmt.data.collate import make_loader
 from bertnmt.data.features import FeatureStore, feature_cache
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
@@ -165,6 +165,13 @@ def check_resume_inputs(cfg: Config) -> Explicit:
         if not Path(mode).is_file():
             raise ConfigError(f"trainer.resume={mode!r} is neither auto, never nor a checkpoint file")
         ckpt = load_checkpoint(mode)
+        if (ckpt.get("meta") or {}).get("averaged_from"):
+            raise CheckpointError(f"trainer.resume={mode}: an average of checkpoints holds no training state; resume from "
+                                  "one of the checkpoints it averages (or start from it with warm_start.path)")
+        lacking = [k for k in ("optimizer", "scheduler", "epoch", "step") if k not in ckpt]
+        if lacking:
+            raise CheckpointError(f"trainer.resume={mode}: the checkpoint lacks the training state ({', '.join(lacking)}); "
+                                  "resume from a checkpoint the training wrote")
         explicit = (Path(mode), str(ckpt.get("stage") or ("fused" if cfg.model.fused else "baseline")))
         del ckpt
     if cfg.warm_start.path is not None and cfg.model.fused:
@@ -280,6 +287,8 @@ def run(cfg: Config) -> dict[str, Any]:
     Transformer row: the same epochs in all as baseline + fused stage). ``summary["final_stage"]`` names the
     stage whose test BLEU is the run's result.
     """
+    check_values(cfg)  # also checked on the command line; here for library callers
+    check_device(cfg.trainer.device)
     check_recipe(cfg)
     if cfg.model.fused and cfg.bert.trust_remote_code:
         log.warning("bert.trust_remote_code=true: Python code shipped with the encoder %r will run", cfg.bert.path)

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,18 +223,19 @@ def test_a_run_held_by_a_live_process_is_not_resumed(tmp_path: Path) -> None:
     old, new = tmp_path / "a", tmp_path / "b"
     old.mkdir()
     save_config(config(old), old)
-    sleeper = subprocess.Popen(["sleep", "30"])
+    code = f"import sys, time; from pathlib import Path; from bertnmt.rundir import acquire; acquire(Path({str(old)!r})); " \
+           "print('locked', flush=True); time.sleep(30)"
+    sleeper = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
-        stat = Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-        import socket
-
-        (old / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "start": stat}))
+        assert sleeper.stdout.readline().strip() == "locked"
         assert find_unfinished(new, config(new)) is None
         with pytest.raises(ConfigError, match=f"output folder {old} is in use by process {sleeper.pid}"):
             open_run_dir(config(old, resume="never"))
     finally:
-        sleeper.kill()
+        sleeper.kill()  # like kill -9: the kernel drops its lock
         sleeper.wait()
+    assert (old / LOCK).exists()  # a killed holder leaves its lock file, which locks nothing
     assert find_unfinished(new, config(new)) == old  # a dead holder: a killed run, free to resume
 
 
