@@ -22,7 +22,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from bertnmt.errors import OutputError
 
@@ -35,6 +35,11 @@ def write_error(path: Path | str, err: OSError) -> OutputError:
     if err.errno in DISK_FULL:
         return OutputError(f"no space left on device while writing {path}; free some space and rerun the same command")
     return OutputError(f"cannot write {path} ({err.strerror or err})")
+
+
+def is_temp(path: Path) -> bool:
+    """Whether ``path`` is one of this module's temp files or folders."""
+    return _TEMP.fullmatch(path.name) is not None
 
 
 def temp_name(path: Path) -> Path:
@@ -75,17 +80,18 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
+def atomic_path(path: Path | str, on_error: Callable[[Path, OSError], Exception] = write_error) -> Iterator[Path]:
     """Yield a temp path next to ``path``; when the block ends without error, publish it as ``path``.
 
     The block writes the temp file by any means (it may also leave it alone: then nothing is
-    published). On an error the temp file is removed and ``path`` keeps its previous content.
+    published). On an error the temp file is removed and ``path`` keeps its previous content; an
+    OSError becomes ``on_error(path, err)`` (by default an OutputError naming the path).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise write_error(path, e) from None
+        raise on_error(path, e) from None
     tmp = temp_name(path)
     try:
         yield tmp
@@ -94,7 +100,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)
-        raise write_error(path, e) from None
+        raise on_error(path, e) from None
     except BaseException:
         _remove(tmp)
         raise
@@ -126,9 +132,10 @@ def write_json(path: Path | str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def copy_file(src: Path | str, dst: Path | str) -> None:
+def copy_file(src: Path | str, dst: Path | str,
+              on_error: Callable[[Path, OSError], Exception] = write_error) -> None:
     """Make ``dst`` an atomic copy of ``src`` (a hard link where the file system allows one)."""
-    with atomic_path(dst) as tmp:
+    with atomic_path(dst, on_error) as tmp:
         try:
             os.link(src, tmp)
         except OSError:

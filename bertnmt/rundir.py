@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from bertnmt.atomic import write_text
 from bertnmt.config import Config
 from bertnmt.errors import ConfigError
 
@@ -49,7 +50,7 @@ def config_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, run_dir: Path) -> None:
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / CONFIG)
+    write_text(run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def stage_marker(run_dir: Path, stage: str) -> Path:
