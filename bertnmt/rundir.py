@@ -62,6 +62,7 @@ def stage_marker(run_dir: Path, stage: str) -> Path:
 # also on kill -9), so that taking it is atomic and a killed run never leaves a stale lock. The file also
 # names its holder, for the error message.
 _held: dict[Path, int] = {}  # folder -> the descriptor whose flock this process holds
+_users: dict[Path, int] = {}  # folder -> a descriptor of the folder itself, with a shared flock (see join)
 
 
 def _me() -> dict[str, Any]:
@@ -145,6 +146,31 @@ def acquire(run_dir: Path) -> None:
         raise _busy(run_dir, other["pid"] if other else "?")
 
 
+def join(folder: Path) -> None:
+    """Mark ``folder`` (Hydra's fresh run folder) as used by this process, for the process's life: a shared flock
+    on the folder itself. A process that resumes elsewhere removes its fresh folder only when no other process
+    uses it (two processes started in the same second share one)."""
+    key = _key(folder)
+    if key in _users:
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # being removed right now; the run gets its lock on a recreated folder
+        os.close(fd)
+        return
+    _users[key] = fd
+
+
+def _leave(folder: Path) -> None:
+    fd = _users.pop(_key(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def release(run_dir: Path) -> None:
     """Give the folder up (its lock file is removed while still locked, then unlocked)."""
     fd = _held.pop(_key(run_dir), None)
@@ -210,14 +236,27 @@ def _move_logs(src: Path, dst: Path) -> None:
 
 
 def _remove_if_fresh(folder: Path) -> None:
-    """Remove a folder this process holds that holds nothing but what Hydra puts in a new run folder."""
-    if _key(folder) not in _held or not folder.is_dir():
+    """Remove a folder this process holds that holds nothing but what Hydra puts in a new run folder, unless
+    another process uses it too (its shared flock from :func:`join`); give the folder up either way."""
+    _leave(folder)
+    try:
+        if _key(folder) not in _held or not folder.is_dir():
+            return
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        release(folder)
         return
-    if all(p.name in (".hydra", LOCK) or p.suffix == ".log" for p in folder.iterdir()):
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("leaving %s in place: another process started in it", folder)
+            return
+        if all(p.name in (".hydra", LOCK) or p.suffix == ".log" for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)  # under both locks: nobody can start using it meanwhile
+    finally:
         release(folder)
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        release(folder)
+        os.close(fd)
 
 
 def open_run_dir(cfg: Config) -> Path:
@@ -228,6 +267,7 @@ def open_run_dir(cfg: Config) -> Path:
     """
     new = Path(cfg.output_dir)
     mode = cfg.trainer.resume
+    join(new)  # scripts/train.py joined it already, as early as it could
     acquire(new)
     try:
         found = _resume_target(new, cfg) if mode == "auto" else None

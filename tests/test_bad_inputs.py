@@ -314,7 +314,7 @@ def empty_lines(tmp: Path, files: dict[str, Path]) -> tuple[list[str], Callable[
     for side, lines in (("src", src), ("tgt", tgt)):
         files[f"train.{side}"].write_text("".join(line + "\n" for line in lines))
 
-    def check(report: dict) -> None:
+    def check(report: dict, tmp: Path) -> None:
         assert report["dropped_empty"] == {"train": 3, "valid": 0, "test": 0}
         assert report["pairs"]["train"] == 17
 
@@ -326,22 +326,53 @@ def long_sentences(tmp: Path, files: dict[str, Path]) -> tuple[list[str], Callab
     lines[1] = lines[3] = " ".join(["tree"] * 30)
     files["train.src"].write_text("".join(line + "\n" for line in lines))
 
-    def check(report: dict) -> None:
+    def check(report: dict, tmp: Path) -> None:
         assert report["encoder_truncated"] == {"train": 2, "valid": 0, "test": 0}  # [CLS] + 30 words + [SEP] > 16
 
     return ["bert.max_length=16"], check
+
+
+def beyond_positions(tmp: Path, files: dict[str, Path]) -> tuple[list[str], Callable[[dict, Path], None]]:
+    """The tiny encoder has 128 positions, its (MiniLM) tokenizer a max length of 512: a longer line is cut to 128."""
+    for split in ("valid", "test"):
+        lines = files[f"{split}.src"].read_text().splitlines()
+        lines[2] = " ".join(["tree"] * 200)
+        files[f"{split}.src"].write_text("".join(line + "\n" for line in lines))
+
+    def check(report: dict, tmp: Path) -> None:
+        assert report["encoder_truncated"] == {"train": 0, "valid": 1, "test": 1}
+
+    return ["eval.test=true", "eval.beam=2"], check
+
+
+def stale_temp_folders(tmp: Path, files: dict[str, Path]) -> tuple[list[str], Callable[[dict, Path], None]]:
+    """Temp folders of a cache build killed earlier (its process is gone) are removed by the next build."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp / "cache" / f".tmp-custom-en-de-0123456789ab.{gone.pid}.0badc0de"
+    stale.mkdir(parents=True)
+    (stale / "train.src.ids.npy").write_bytes(b"half")
+
+    def check(report: dict, tmp: Path) -> None:
+        assert not stale.exists()
+
+    return [], check
 
 
 @pytest.mark.parametrize("name, setup, warning", [
     ("empty lines are dropped and counted", empty_lines, None),
     ("long sentences are truncated and counted", long_sentences,
      "2 source sentences were truncated to the encoder's max_length=16"),
+    ("lines beyond the encoder's positions are truncated and counted", beyond_positions,
+     "2 source sentences were truncated to the encoder's max_length=128"),
+    ("temp folders of killed cache builds are removed", stale_temp_folders, None),
 ])
 def test_tolerated_input_is_counted(name: str, setup: Callable, warning: str | None, tmp_path: Path, bert: str) -> None:
     files = write_corpus(tmp_path)
     extra, check = setup(tmp_path, files)
     out = run_train(overridden(base_args(tmp_path, files, bert, plain=False), extra), BERTNMT_MIRROR="")
     assert out.returncode == 0, out.stderr
-    check(json.loads((tmp_path / "run" / "meta.json").read_text())["data_report"])
+    report = json.loads((tmp_path / "run" / "meta.json").read_text())["data_report"]
+    check(report, tmp_path)
     warnings = [line for line in out.stdout.splitlines() if "[WARNING]" in line]
-    assert [w.split(" - ", 1)[1] for w in warnings] == ([warning + " ({'train': 2, 'valid': 0, 'test': 0})"] if warning else [])
+    assert [w.split(" - ", 1)[1] for w in warnings] == ([f"{warning} ({report['encoder_truncated']})"] if warning else [])
