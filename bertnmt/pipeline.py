@@ -25,11 +25,11 @@ from bertnmt import atomic, distributed  # distributed: torchrun; no-ops in one 
 from bertnmt.checkpoint import load_checkpoint, warm_start
 from bertnmt.config import Config, FreezeConfig, TrainerConfig, check_device, check_values
 from bertnmt.data.collate import make_loader
+from bertnmt.data.corpora import corpus_fingerprint
 from bertnmt.data.features import FeatureStore, feature_cache
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
 from bertnmt.devices import pick_device
-from bertnmt.data.corpora import corpus_fingerprint
 from bertnmt.errors import BertNMTError, CheckpointError, ConfigError, DataError
 from bertnmt.export import export_model
 from bertnmt.freeze import FreezePolicy, schedule_table
