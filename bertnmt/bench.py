@@ -436,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     text = report(spec, res, device_name(spec))
     print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps({"spec": asdict(spec), "device": device_name(spec), "results": res,
-                                              "report": text}, indent=1))
+        from bertnmt.atomic import write_text
+
+        write_text(args.out, json.dumps({"spec": asdict(spec), "device": device_name(spec), "results": res,
+                                         "report": text}, indent=1))
     return 0 if len(res) == len(variants) else 1
 
 

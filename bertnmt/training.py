@@ -213,6 +213,11 @@ class Trainer:
             ckpt = load_checkpoint(path)
         if ckpt.get("stage", self.stage) != self.stage:
             raise CheckpointError(f"checkpoint {path} belongs to the {ckpt['stage']!r} stage, not {self.stage!r}")
+        theirs, ours = (ckpt.get("meta") or {}).get("vocab_sha256"), self.data.vocab.sha256
+        if theirs and theirs != ours:
+            raise CheckpointError(f"checkpoint {path} was trained with another vocabulary (SentencePiece sha256 "
+                                  f"{theirs[:12]} vs {ours[:12]} of {self.data.vocab.path}): the data changed; restore "
+                                  "it, or start afresh with trainer.resume=never")
         load_model_weights(self.model, ckpt["model"], str(path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
