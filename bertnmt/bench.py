@@ -51,7 +51,7 @@ class BenchSpec:
     decode_sents: int = 480
     decode_len: int = 16  # every hypothesis is forced to this many tokens (+ eos)
     decode_tokens: int = 0  # decoding's token budget per batch (eval.max_tokens; 0 = the device's default)
-    check_every: int = 8  # decoding steps between checks for finished sentences (eval.check_every)
+    check_every: int = 0  # decoding steps between checks for done sentences (eval.check_every; 0 = by device)
     beam: int = 5
     device: str = "cpu"
     bf16: bool = False  # autocast to bf16 (always on with CUDA)

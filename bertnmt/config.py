@@ -183,7 +183,7 @@ class EvalConfig:
     # decode batches: beam x sentences x longest source <= max_tokens (0 = 131,072 on CUDA, 8,192 on the CPU)
     max_tokens: int = 0
     batch_sents: int = 0  # at most this many sentences per decode batch (0 = the token budget alone)
-    check_every: int = 8  # decoding steps between the host's checks for finished sentences (device syncs)
+    check_every: int = 0  # decoding steps between the host's checks for done sentences (0 = 8 on CUDA, 1 on the CPU)
     test: bool = True  # decode the test split with beam search at the end
 
 
