@@ -160,8 +160,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32
     log_every: int = 50
-    valid_bleu: bool = True  # greedy BLEU on the validation split every epoch
-    valid_max_sents: int = 0  # 0 = all
+    valid_bleu: bool = True  # greedy BLEU on the validation split (besides its loss, which is every epoch)
+    valid_bleu_every: int = 1  # BLEU every N epochs, and always after the stage's last epoch
+    valid_max_sents: int = 0  # BLEU on the first N validation sentences (0 = all); N is recorded with the score
     # Checkpoints and faults (README, "When things go wrong").
     save_every_steps: int = 0  # also checkpoint every N updates, mid-epoch (0 = at epoch ends only)
     keep_last: int = 3  # step checkpoints kept (checkpoint_last/best are kept apart)
@@ -178,8 +179,12 @@ class EvalConfig:
     beam: int = 5
     lenpen: float = 1.0
     max_len_a: float = 1.5
-    max_len_b: int = 10
-    batch_sents: int = 64
+    max_len_b: int = 10  # a hypothesis has at most int(max_len_a * source tokens incl. eos + max_len_b) tokens
+    min_len: int = 1  # eos is banned before this many tokens (1: never an empty translation, as fairseq)
+    # decode batches: beam x sentences x longest source <= max_tokens (0 = 131,072 on CUDA, 8,192 on the CPU)
+    max_tokens: int = 0
+    batch_sents: int = 0  # at most this many sentences per decode batch (0 = the token budget alone)
+    check_every: int = 0  # decoding steps between the host's checks for done sentences (0 = 8 on CUDA, 1 on the CPU)
     test: bool = True  # decode the test split with beam search at the end
 
 

@@ -29,6 +29,7 @@ from bertnmt.data.corpora import corpus_fingerprint
 from bertnmt.data.features import FeatureStore, feature_cache
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
+from bertnmt.decoding import decode_split, options_from_eval
 from bertnmt.devices import pick_device
 from bertnmt.errors import BertNMTError, CheckpointError, ConfigError, DataError
 from bertnmt.export import export_model
@@ -38,7 +39,7 @@ from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder, check_tokenizer
 from bertnmt.results import append_jsonl
 from bertnmt.rundir import CONFIG, open_run_dir, release, save_config, stage_marker
-from bertnmt.training import StageResult, Trainer, load_best, translate_split
+from bertnmt.training import StageResult, Trainer, load_best
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result
     split = data.splits["test"]
     device = pick_device(cfg.trainer.device)
     start = time.perf_counter()
-    hyps = translate_split(model, data, split, cfg, device, cfg.eval.beam, enc_pad_id, features=features)
+    opts = options_from_eval(cfg.eval, precision=cfg.trainer.precision)
+    hyps = decode_split(model, split, data.vocab, opts, device, enc_pad_id, features)
     decode_s = time.perf_counter() - start
     hyp_path = run_dir / f"test.{result.stage}.hyp"
     atomic.write_text(hyp_path, "".join(h + "\n" for h in hyps))
