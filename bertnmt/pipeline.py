@@ -288,7 +288,7 @@ def ensure_continued(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[
     if summary_path.is_file() and (not cfg.eval.test or (cache / hyp_name).is_file()):
         log.info("reusing the cached continued Transformer %s (same warm start, %d updates)", cache, steps)
         if cfg.eval.test and distributed.is_main():
-            shutil.copyfile(cache / hyp_name, run_dir / hyp_name)
+            atomic.copy_file(cache / hyp_name, run_dir / hyp_name)
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         return {**summary, "reused_from": str(cache)}
     log.info("training the plain Transformer from the same warm start for %d updates (equal budget; cached as %s)",
@@ -304,14 +304,10 @@ def ensure_continued(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[
     summary = train_stage(tcfg, data, run_dir, "transformer", {**meta, "model": asdict(tcfg.model)}, None, warm,
                           explicit)
     if distributed.is_main():
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            if (run_dir / hyp_name).is_file():
-                shutil.copyfile(run_dir / hyp_name, cache / (hyp_name + ".tmp"))
-                os.replace(cache / (hyp_name + ".tmp"), cache / hyp_name)
-            write_json(summary_path, summary)
-        except OSError as e:
-            raise CheckpointError(f"cannot cache the continued Transformer in {cache} ({e.strerror or e})") from None
+        atomic.remove_stale_temps(cache)
+        if (run_dir / hyp_name).is_file():
+            atomic.copy_file(run_dir / hyp_name, cache / hyp_name)  # the hypotheses first: the summary marks it complete
+        write_json(summary_path, summary)
     distributed.barrier()
     return summary
 
