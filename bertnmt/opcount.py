@@ -50,16 +50,17 @@ def _bool_index(indices: Any) -> bool:
 
 def host_sync(func: Any, args: tuple, kwargs: dict) -> str | None:
     """The reason an op makes the host wait for the device (or has a data-dependent shape), else None."""
+    name = func.overloadpacket.__name__
     if func in _SYNC_OPS:
-        return func.__name__
+        return name
     if func in _INDEX_OPS and _bool_index(args[1] if len(args) > 1 else kwargs.get("indices")):
-        return f"{func.__name__} with a boolean index"
+        return f"{name} with a boolean index"
     if func in (aten._to_copy.default, aten.copy_.default):
         src = args[1] if func is aten.copy_.default else args[0]
         dst = args[0].device if func is aten.copy_.default else kwargs.get("device")
         if isinstance(src, torch.Tensor) and dst is not None and torch.device(dst).type == "cpu" \
                 and src.device.type != "cpu":
-            return f"{func.__name__} to the CPU"
+            return f"{name} to the CPU"
     return None
 
 
