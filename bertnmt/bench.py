@@ -141,7 +141,8 @@ def train_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     else:
         trainer = _bench_trainer(spec, cfg, data, tok, model, policy, features)
         # every variant trains on the same batches (the budget counts the encoder ids for all of them)
-        step, loader, opt = _trainer_step(trainer), _epoch_loader(spec, data, tok, features), trainer.optimizer
+        step, loader = _trainer_step(trainer), _epoch_loader(spec, data, tok, features, cfg.data.pad_multiple)
+        opt = trainer.optimizer
         params = [p for p in model.parameters() if p.requires_grad]
         total = sum(p.numel() for p in model.parameters())
     opt_s = _time_optimizer_steps(opt, device)
@@ -195,9 +196,12 @@ def _trainer_step(trainer):
     from bertnmt.training import EpochPosition
 
     pos = EpochPosition()
+    log_every = trainer.cfg.trainer.log_every
 
     def step(b) -> None:
         trainer._update([b], 1, pos)
+        if trainer.step % log_every == 0:  # the loss read of train_epoch, once per log interval
+            trainer._settle(pos, 1)
 
     return step
 
@@ -222,7 +226,7 @@ def _marian_step(spec: BenchSpec, cfg, data, tok, device):
         opt.zero_grad(set_to_none=True)
 
     step.model = model  # type: ignore[attr-defined]
-    return step, _epoch_loader(spec, data, tok), opt
+    return step, _epoch_loader(spec, data, tok, pad_multiple=cfg.data.pad_multiple), opt
 
 
 def _time_optimizer_steps(opt: torch.optim.Optimizer, device: torch.device) -> list[float]:
@@ -253,11 +257,11 @@ def _endless(loader):
         epoch += 1
 
 
-def _epoch_loader(spec: BenchSpec, data, tok, features=None):
+def _epoch_loader(spec: BenchSpec, data, tok, features=None, pad_multiple: int = 1):
     from bertnmt.data.collate import make_loader
 
     return make_loader(data.splits["train"], spec.max_tokens, seed=1, shuffle=True, enc_pad_id=tok.pad_id,
-                       features=(features or {}).get("train"))
+                       features=(features or {}).get("train"), pad_multiple=pad_multiple)
 
 
 def _encoder_mb(model: torch.nn.Module) -> float:

@@ -137,6 +137,7 @@ class DataConfig:
     valid_limit: Optional[int] = None
     test_limit: Optional[int] = None
     max_tokens: int = 4096  # token budget per batch (source, target and encoder lengths)
+    pad_multiple: int = 8  # training batches' lengths are padded to a multiple of this (few distinct shapes to compile)
 
 
 @dataclass

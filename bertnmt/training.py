@@ -35,7 +35,7 @@ from bertnmt.errors import CheckpointError, TrainingInterrupted
 from bertnmt.faults import StopSignal, UpdateGuard
 from bertnmt.freeze import FreezePolicy
 from bertnmt.metrics import corpus_scores
-from bertnmt.model.fusion import seed_drop_net
+from bertnmt.model.fusion import seed_drop_net, set_drop_net_on_device
 from bertnmt.optim import load_optimizer_state, make_optimizer, optimizer_state
 from bertnmt.results import append_jsonl, keep_until
 from bertnmt.search import beam_search, greedy_search
@@ -170,8 +170,10 @@ class Trainer:
         self.device = pick_device(cfg.trainer.device)
         autocast(self.device, cfg.trainer.precision)  # a bad trainer.precision fails here, before any work
         self.model.to(self.device)
-        # the training forward; the same module (same parameters) when compiled, so state dicts are unchanged
-        self.step_model = torch.compile(model) if cfg.trainer.compile else model
+        # the training forward; the same module (same parameters) when compiled, so state dicts are unchanged.
+        # Compiled as one graph: drop-net is then drawn on the device (no data-dependent branch)
+        set_drop_net_on_device(model, cfg.trainer.compile)
+        self.step_model = torch.compile(model, fullgraph=True) if cfg.trainer.compile else model
         self.policy.apply(self.model, epoch=1, step=0)
         o = cfg.optim
         self.optimizer = make_optimizer(self.policy, self.model, o, self.device)  # one group per freeze class
@@ -180,10 +182,12 @@ class Trainer:
         self._sums: torch.Tensor | None = None
         self.enc_pad_id = enc_pad = enc_pad_id if model_uses_bert(model) else None
         feats = features if enc_pad is not None and features else {}
+        pad8 = cfg.data.pad_multiple  # few distinct shapes for torch.compile and CUDA graphs
         self.train_loader = make_loader(data.splits["train"], cfg.data.max_tokens, cfg.trainer.seed, True, enc_pad,
-                                        pin_memory=self.device.type == "cuda", features=feats.get("train"))
+                                        pin_memory=self.device.type == "cuda", features=feats.get("train"),
+                                        pad_multiple=pad8)
         self.valid_loader = make_loader(data.splits["valid"], cfg.data.max_tokens, 0, False, enc_pad,
-                                        features=feats.get("valid"))
+                                        features=feats.get("valid"), pad_multiple=pad8)
         self.features: dict[str, FeatureStore] = dict(feats)  # cleared for good once the encoder trains
         distributed.shard(self.train_loader.batch_sampler)  # issue 7b: rank r takes batches r, r+N, ...
         seed_drop_net(cfg.trainer.seed)  # drop-net's host-side draws: the same on every rank, saved in checkpoints
@@ -288,6 +292,8 @@ class Trainer:
         non-finite loss or gradient norm skips the update there, through the fused optimizer's
         ``found_inf`` (weights and optimizer state unchanged; the step count and schedule advance)."""
         ntok = sum(b.ntokens for b in accum)
+        if self._sums is None:  # an update outside train_epoch (benchmarks, tests)
+            self._start_sums(pos)
         if self.policy.unit == "step":
             self._sync_policy(epoch)  # requires_grad for this update, before its forward passes
         norm = self.replicas.begin_update(ntok, len(accum))  # all ranks' tokens / N (= ntok in one process)

@@ -61,3 +61,27 @@ def drop_net_weights(p_net: float, training: bool) -> tuple[float, float]:
     if u > 1.0 - p_net / 2:
         return 0.0, 1.0
     return 0.5, 0.5
+
+
+def drop_net_mix(p_net: float, training: bool, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """Drop-net decided on the device (for ``torch.compile(fullgraph=True)``): the same three outcomes with
+    the same probabilities as :func:`drop_net_weights`, as 0-dim tensors from torch's RNG on ``like``'s device.
+    Both branches are then always computed (a dropped one is multiplied by 0 and gets a zero gradient), so
+    there is no data-dependent branch; under DDP the draws are each rank's own, like dropout masks."""
+    if not training or p_net <= 0.0:
+        return 0.5, 0.5
+    u = torch.rand((), device=like.device)  # ()
+    w1 = torch.where(u < p_net / 2, 1.0, torch.where(u > 1.0 - p_net / 2, 0.0, 0.5)).to(like.dtype)
+    return w1, 1.0 - w1
+
+
+def runs(weight: torch.Tensor | float) -> bool:
+    """Whether a drop-net branch must be computed: always for a device-side weight, else when not 0."""
+    return isinstance(weight, torch.Tensor) or weight != 0.0
+
+
+def set_drop_net_on_device(model: nn.Module, on: bool) -> None:
+    """Switch every fused layer of ``model`` to :func:`drop_net_mix` (True) or host-side draws (False)."""
+    for m in model.modules():
+        if hasattr(m, "drop_net_on_device"):
+            m.drop_net_on_device = on
