@@ -299,3 +299,28 @@ def test_trainer_precision_selects_autocast_and_rejects_typos() -> None:
     assert fp32.dtype == bf16.dtype == torch.float32  # the loss itself is summed in fp32
     assert bf16.item() != fp32.item()
     torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=0)
+
+
+def test_bf16_autocast_keeps_layer_norm_and_the_loss_in_fp32() -> None:
+    """Under bf16 autocast (the CPU's does not do this by itself) layer norm and the loss run in fp32; the
+    matrix products in bf16. The loss stays within bf16 rounding of the fp32 one."""
+    from bertnmt.model.layers import LayerNorm
+    from bertnmt.training import smoothed_loss
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.0, fused=False)
+    model = BertFusedTransformer(cfg, 50, 0, None).eval()
+    assert all(type(m) is LayerNorm for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    seen: list[torch.dtype] = []
+    for m in model.modules():
+        if isinstance(m, LayerNorm):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    src, tgt = torch.randint(4, 50, (3, 7)), torch.randint(4, 50, (3, 6))
+    ref, _ = smoothed_loss(model(src, tgt), tgt, 0, 0.1)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(src, tgt)  # (B, T, V)
+        loss, _ = smoothed_loss(logits, tgt, 0, 0.1)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert seen and set(seen) == {torch.float32}
+    assert abs(loss.item() - ref.item()) / ref.item() < 0.02

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from bertnmt.config import ModelConfig
 from bertnmt.model.fusion import BertAttention, drop_net_mix, drop_net_weights, runs
-from bertnmt.model.layers import KV, FeedForward, KVCache, MultiheadAttention, SinusoidalPositions
+from bertnmt.model.layers import KV, FeedForward, KVCache, LayerNorm, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.variants import fused_layer_ids
 
 
@@ -101,16 +101,16 @@ class FusedDecoderLayer(nn.Module):
         self.pre_ln, self.dropout, self.drop_net = cfg.pre_ln, cfg.dropout, cfg.drop_net
         self.drop_net_on_device = False  # set_drop_net_on_device: draws as tensors, both branches computed
         self.self_attn = MultiheadAttention(C, cfg.heads, dropout=cfg.attn_dropout)
-        self.self_attn_ln = nn.LayerNorm(C)
+        self.self_attn_ln = LayerNorm(C)
         self.cross_attn = MultiheadAttention(C, cfg.heads, kdim=enc_dim, dropout=cfg.attn_dropout)
-        self.cross_attn_ln = nn.LayerNorm(C)
+        self.cross_attn_ln = LayerNorm(C)
         self.bert_attn = (
             BertAttention(C, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
         )
         self.stacked = bool(bert_dim) and cfg.fusion_combine == "stacked"
-        self.bert_attn_ln = nn.LayerNorm(C) if self.stacked else None
+        self.bert_attn_ln = LayerNorm(C) if self.stacked else None
         self.ffn = FeedForward(C, cfg.ffn_dim, cfg.dropout, cfg.act_dropout)
-        self.ffn_ln = nn.LayerNorm(C)
+        self.ffn_ln = LayerNorm(C)
 
     def _drop(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, self.training)
@@ -182,7 +182,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(
             FusedDecoderLayer(cfg, fuse if i in which else None, enc_dim) for i in range(cfg.dec_layers)
         )
-        self.final_ln = nn.LayerNorm(cfg.d_model) if cfg.pre_ln else None
+        self.final_ln = LayerNorm(cfg.d_model) if cfg.pre_ln else None
 
     def init_state(
         self, enc_out: Tensor, src_pad: Tensor, bert_out: Tensor | None, bert_pad: Tensor | None

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from bertnmt.config import ModelConfig
 from bertnmt.model.fusion import BertAttention, drop_net_mix, drop_net_weights, runs
-from bertnmt.model.layers import FeedForward, MultiheadAttention, SinusoidalPositions
+from bertnmt.model.layers import FeedForward, LayerNorm, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.variants import fused_layer_ids
 
 
@@ -37,14 +37,14 @@ class FusedEncoderLayer(nn.Module):
         self.pre_ln, self.dropout, self.drop_net = cfg.pre_ln, cfg.dropout, cfg.drop_net
         self.drop_net_on_device = False  # set_drop_net_on_device: draws as tensors, both branches computed
         self.self_attn = MultiheadAttention(C, cfg.heads, dropout=cfg.attn_dropout)
-        self.self_attn_ln = nn.LayerNorm(C)
+        self.self_attn_ln = LayerNorm(C)
         self.bert_attn = (
             BertAttention(C, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
         )
         self.stacked = bool(bert_dim) and cfg.fusion_combine == "stacked"
-        self.bert_attn_ln = nn.LayerNorm(C) if self.stacked else None
+        self.bert_attn_ln = LayerNorm(C) if self.stacked else None
         self.ffn = FeedForward(C, cfg.ffn_dim, cfg.dropout, cfg.act_dropout)
-        self.ffn_ln = nn.LayerNorm(C)
+        self.ffn_ln = LayerNorm(C)
 
     def _sublayer(self, x: Tensor, ln: nn.Module, fn) -> Tensor:
         """One residual sublayer, post-LN ``LN(x + drop(fn(x)))`` or pre-LN ``x + drop(fn(LN(x)))``."""
@@ -101,7 +101,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(
             FusedEncoderLayer(cfg, fuse if i in which else None) for i in range(cfg.enc_layers)
         )
-        self.final_ln = nn.LayerNorm(cfg.d_model) if cfg.pre_ln else None
+        self.final_ln = LayerNorm(cfg.d_model) if cfg.pre_ln else None
 
     def forward(
         self,
