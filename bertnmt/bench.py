@@ -425,6 +425,17 @@ def report(spec: BenchSpec, res: dict[str, dict[str, Any]], device_name: str) ->
     if plain and "marian" in res:
         r = res["marian"]["step_s"] / plain["step_s"]
         goals.append(f"training, ours vs MarianMTModel >= 1.2 x: {r:.2f} x -> {'met' if r >= 1.2 else 'MISSED'}")
+        m = res["marian"]
+        if "aten_launching" in plain and "aten_launching" in m:
+            ok = plain["aten_launching"] <= m["aten_launching"]
+            goals.append(f"kernel-launching ATen ops per update <= MarianMTModel's: {plain['aten_launching']:,} vs "
+                         f"{m['aten_launching']:,} -> {'met' if ok else 'MISSED'}")
+    for v in ("plain", "fused_cached"):
+        if v in res and "aten_ops" in res[v]:
+            r = res[v]
+            goals.append(f"{v}: total ATen ops per update <= 3,000: {r['aten_ops']:,} -> "
+                         f"{'met' if r['aten_ops'] <= 3000 else 'MISSED'}; host syncs in the update: "
+                         f"{r['host_syncs']} -> {'met' if r['host_syncs'] == 0 else 'MISSED'}")
     dec = {v: res[v] for v in DECODE_VARIANTS if v in res}
     if dec:
         dfloor = decode_floors(spec, cfg, dec)

@@ -75,14 +75,17 @@ def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device
     """One training forward: (summed smoothed loss, summed NLL) of a batch, as 0-dim device tensors.
 
     The cached H_B in ``batch.bert_feats`` is used when present and ``use_features``. The output layer
-    runs at every target position and padding is masked in the loss by multiplication: selecting the
-    non-pad positions would give a data-dependent shape, which makes the host wait for the device."""
+    runs only at the positions of ``batch.out_idx`` (the non-pad targets, found on the host, padded to a
+    fixed multiple: a fixed-size gather), else at every position; padding is masked in the loss by
+    multiplication. Selecting positions with a boolean mask would make the host wait for the device."""
     bert_out = None
     if batch.bert_feats is not None and use_features:
         bert_out = (batch.bert_feats.float(), batch.enc_mask.eq(0))  # (B, E, Hb), (B, E)
     with autocast(device, precision):
-        logits = model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out)  # (B, T, V)
-    return smoothed_loss(logits, batch.tgt_out, pad_id, eps)
+        logits = model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out,
+                       keep=batch.out_idx)  # (N', V), or (B, T, V)
+    target = batch.tgt_out if batch.out_idx is None else batch.out_tgt  # (B, T) or (N',)
+    return smoothed_loss(logits, target, pad_id, eps)
 
 
 @dataclass

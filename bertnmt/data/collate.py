@@ -53,6 +53,10 @@ class Batch:
     bert_feats: Tensor | None  # (B, E, Hb) fp16 cached H_B, zero at padding; None = compute it live
     indices: Tensor  # (B,) positions of these sentences in the split
     ntokens: int  # non-pad target tokens (tgt_out != pad)
+    # the output layer's positions, found on the host so that selecting them on the device is a fixed-size
+    # gather: flat indexes (row * T + t) of the non-pad targets, padded with 0 to a multiple of 64 (N',)
+    out_idx: Tensor | None = None
+    out_tgt: Tensor | None = None  # (N',) long, their targets; pad_id at the padding (masked in the loss)
 
     def __len__(self) -> int:
         return self.src.size(0)
@@ -68,6 +72,8 @@ class Batch:
             bert_feats=opt(self.bert_feats),
             indices=fn(self.indices),
             ntokens=self.ntokens,
+            out_idx=opt(self.out_idx),
+            out_tgt=opt(self.out_tgt),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
@@ -76,6 +82,9 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """Called by ``DataLoader(pin_memory=True)``."""
         return self._map(lambda t: t.pin_memory())
+
+
+OUT_MULTIPLE = 64  # output-layer positions are padded to a multiple of this (few distinct shapes)
 
 
 def _pad(seqs: list[np.ndarray], pad_id: int, prefix: int | None = None, suffix: int | None = None,
@@ -120,6 +129,13 @@ def collate(
     bert_feats = None
     if enc_ids is not None and feats[0] is not None:
         bert_feats = pad_features(list(feats), enc_ids.size(1))  # (B, E, Hb)
+    flat = tgt_out.view(-1).numpy()  # (B * T,)
+    idx = np.flatnonzero(flat != pad_id)  # (N,) on the host, from the collated arrays
+    n_out = -(-len(idx) // OUT_MULTIPLE) * OUT_MULTIPLE if m > 1 else len(idx)
+    out_idx = np.zeros(n_out, dtype=np.int64)  # (N',)
+    out_idx[: len(idx)] = idx
+    out_tgt = np.full(n_out, pad_id, dtype=np.int64)  # (N',)
+    out_tgt[: len(idx)] = flat[idx]
     return Batch(
         src=_pad(list(src), pad_id, suffix=eos_id, multiple=m),  # (B, S)
         tgt_in=_pad(list(tgt), pad_id, prefix=bos_id, multiple=m),  # (B, T)
@@ -128,7 +144,9 @@ def collate(
         enc_mask=enc_mask,
         bert_feats=bert_feats,
         indices=torch.tensor(indices, dtype=torch.long),  # (B,)
-        ntokens=int((tgt_out != pad_id).sum()),
+        ntokens=len(idx),
+        out_idx=torch.from_numpy(out_idx),
+        out_tgt=torch.from_numpy(out_tgt),
     )
 
 
