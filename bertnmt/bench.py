@@ -141,7 +141,7 @@ def train_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     else:
         trainer = _bench_trainer(spec, cfg, data, tok, model, policy, features)
         # every variant trains on the same batches (the budget counts the encoder ids for all of them)
-        step, loader = _trainer_step(trainer), _epoch_loader(spec, data, tok, features, cfg.data.pad_multiple)
+        step, loader = _trainer_step(trainer), _epoch_loader(spec, data, tok, features, trainer.pad_multiple)
         opt = trainer.optimizer
         params = [p for p in model.parameters() if p.requires_grad]
         total = sum(p.numel() for p in model.parameters())
@@ -226,7 +226,10 @@ def _marian_step(spec: BenchSpec, cfg, data, tok, device):
         opt.zero_grad(set_to_none=True)
 
     step.model = model  # type: ignore[attr-defined]
-    return step, _epoch_loader(spec, data, tok, pad_multiple=cfg.data.pad_multiple), opt
+    from bertnmt.training import resolve_pad_multiple
+
+    pad_multiple = resolve_pad_multiple(cfg.data.pad_multiple, device, spec.compile)  # the Trainer's batches
+    return step, _epoch_loader(spec, data, tok, pad_multiple=pad_multiple), opt
 
 
 def _time_optimizer_steps(opt: torch.optim.Optimizer, device: torch.device) -> list[float]:

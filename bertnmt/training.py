@@ -185,7 +185,7 @@ class Trainer:
         self._sums: torch.Tensor | None = None
         self.enc_pad_id = enc_pad = enc_pad_id if model_uses_bert(model) else None
         feats = features if enc_pad is not None and features else {}
-        pad8 = cfg.data.pad_multiple  # few distinct shapes for torch.compile and CUDA graphs
+        self.pad_multiple = pad8 = resolve_pad_multiple(cfg.data.pad_multiple, self.device, cfg.trainer.compile)
         self.train_loader = make_loader(data.splits["train"], cfg.data.max_tokens, cfg.trainer.seed, True, enc_pad,
                                         pin_memory=self.device.type == "cuda", features=feats.get("train"),
                                         pad_multiple=pad8)
@@ -524,6 +524,13 @@ class Trainer:
             for k in ("train_loss", "valid_loss", "valid_ppl", "valid_bleu", "tokens_per_s", "epoch_time_s", "peak_mem_mb"):
                 if k in rec:
                     self.writer.add_scalar(f"epoch/{k}", rec[k], rec["epoch"])
+
+
+def resolve_pad_multiple(pad_multiple: int, device: torch.device, compile: bool) -> int:
+    """``data.pad_multiple``, with 0 (auto) = 8 where static shapes pay (CUDA, torch.compile), else 1."""
+    if pad_multiple > 0:
+        return pad_multiple
+    return 8 if device.type == "cuda" or compile else 1
 
 
 def model_uses_bert(model: nn.Module) -> bool:

@@ -123,3 +123,25 @@ def test_fewer_kernel_launches_than_marian() -> None:
         step(second)
     assert ours.launching <= theirs.launching and ours.total <= theirs.total, (ours.summary(), theirs.summary())
     assert ours.launching <= 450, ours.summary()  # 344 measured: one group per tensor would add hundreds
+
+
+def test_bucket_padding_gives_few_shapes_and_the_same_loss() -> None:
+    """data.pad_multiple=8: every length a multiple of 8 and the output positions a multiple of 64 (what
+    torch.compile and CUDA graphs need), with the loss of the unpadded batch."""
+    from bertnmt.data.collate import make_loader
+    from bertnmt.training import forward_loss, resolve_pad_multiple
+
+    assert resolve_pad_multiple(0, torch.device("cpu"), False) == 1
+    assert resolve_pad_multiple(0, torch.device("cuda"), False) == resolve_pad_multiple(0, torch.device("cpu"), True) == 8
+    torch.manual_seed(0)
+    model = BertFusedTransformer(PLAIN, 50, 0, None).eval()
+    data = fake_data(60, max_len=9, with_encoder=False)
+    plain, padded = (list(make_loader(data.splits["train"], 200, 0, False, None, pad_multiple=m)) for m in (1, 8))
+    for a, b in zip(plain, padded):
+        assert b.src.size(1) % 8 == 0 and b.tgt_out.size(1) % 8 == 0 and b.out_idx.numel() % 64 == 0
+        assert a.out_idx.numel() == a.ntokens == b.ntokens
+        with torch.no_grad():
+            la, na = forward_loss(model, a, 0, 0.1, torch.device("cpu"))
+            lb, nb = forward_loss(model, b, 0, 0.1, torch.device("cpu"))
+        torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(nb, na, rtol=1e-5, atol=1e-4)
