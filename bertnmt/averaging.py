@@ -1,7 +1,9 @@
 """Checkpoint averaging: the elementwise mean of the weights of several checkpoints of one run.
 
 Like fairseq's ``average_checkpoints.py`` (Vaswani et al. average the last 5-20 checkpoints),
-but checked: every checkpoint must hold the same tensors with the same shapes. Floating-point
+but checked: every checkpoint must hold the same tensors with the same shapes, and record the same
+vocabulary, model config and pretrained encoder (tensors of equal shapes can still mean different
+things); the output must not be one of the inputs. Floating-point
 weights are summed in float64 and divided once, then cast back; other tensors (integer buffers)
 must agree and are copied. The result is a checkpoint of the usual format version, written
 atomically, without optimizer state: ``evaluate``, ``translate`` and ``export`` accept it, training
@@ -69,11 +71,32 @@ def last_checkpoints(folder: str | Path, n: int) -> list[Path]:
     return ordered[-n:]
 
 
+def _check_same_model(path: Path, meta: dict[str, Any], first: Path, first_meta: dict[str, Any]) -> None:
+    """Checkpoints of another vocabulary, model config or pretrained encoder cannot be averaged, even
+    when every tensor has the same shape: their weights mean different things."""
+    a, b = meta.get("vocab_sha256"), first_meta.get("vocab_sha256")
+    if a != b:
+        raise CheckpointError(f"{path} was trained with another vocabulary than {first} (SentencePiece sha256 "
+                              f"{str(a)[:12]} vs {str(b)[:12]}); cannot average")
+    ma, mb = meta.get("model") or {}, first_meta.get("model") or {}
+    for key in sorted(set(ma) | set(mb)):
+        if ma.get(key) != mb.get(key):
+            raise CheckpointError(f"{path} has model.{key}={ma.get(key)!r}, {first} has {mb.get(key)!r}; "
+                                  "checkpoints of different models cannot be averaged")
+    ea, eb = (meta.get("encoder") or {}).get("weights_sha256"), (first_meta.get("encoder") or {}).get("weights_sha256")
+    if ea != eb:
+        raise CheckpointError(f"{path} was trained with another pretrained encoder than {first} (weights sha256 "
+                              f"{str(ea)[:12]} vs {str(eb)[:12]}); cannot average")
+
+
 def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
     """Write the average of ``paths`` to ``out``; its epoch, step and meta are the last checkpoint's."""
     if not paths:
         raise CheckpointError("no checkpoints to average")
     paths = [Path(p) for p in paths]
+    out = Path(out)
+    if any(out.resolve() == p.resolve() for p in paths):
+        raise CheckpointError(f"--out {out} is one of the checkpoints to average; write the average to a new file")
     sums: dict[str, torch.Tensor] = {}
     first: dict[str, torch.Tensor] = {}
     last: dict[str, Any] = {}
@@ -83,9 +106,10 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
         steps.append(int(ckpt.get("step", -1)))
         weights = ckpt["model"]
         if i == 0:
-            first = weights
+            first, first_meta = weights, ckpt.get("meta") or {}
             sums = {k: v.to(torch.float64) for k, v in weights.items() if v.is_floating_point()}
         else:
+            _check_same_model(path, ckpt.get("meta") or {}, paths[0], first_meta)
             if set(weights) != set(first):
                 diff = sorted(set(weights) ^ set(first))
                 raise CheckpointError(f"{path} holds other tensors than {paths[0]} (e.g. {diff[0]})")
@@ -102,7 +126,6 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
     meta = {**(last.get("meta") or {}), "averaged_from": [str(p.resolve()) for p in paths]}
     payload = {"model": model, "epoch": last.get("epoch", 0), "step": last.get("step", 0),
                "metric": float("nan"), "meta": meta}
-    out = Path(out)
     save_checkpoint(out, payload)
     log.info("averaged %d checkpoints (steps %s) into %s", n, steps, out)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -118,5 +119,38 @@ def exit_code(fn: Callable[[], object]) -> int:
             raise
         print(f"error: no space left on device while writing {e.filename or 'an output file'}; free some space and "
               "rerun the same command to resume", file=sys.stderr)
+        return 2
+    return 0
+
+
+def tool_exit_code(fn: Callable[[], object]) -> int:
+    """``exit_code`` for the tools after training (evaluate, translate, export, average_checkpoints).
+
+    BertNMTError (an OutputError for a write that failed) -> ``error: ...``, 2. A reader that closed the
+    pipe (``translate.py ... | head -1``) ends the tool quietly with 141 (128 + SIGPIPE), as coreutils
+    do. Ctrl-C -> 130 with one line. No space left on device -> 2. Anything else is a bug: a traceback.
+    """
+    try:
+        fn()
+    except BertNMTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a descriptor (captured in-process)
+            pass
+        finally:
+            os.close(devnull)
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on device while writing {e.filename or 'an output file'}", file=sys.stderr)
         return 2
     return 0

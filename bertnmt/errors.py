@@ -31,3 +31,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, step: int, path: str) -> None:
         self.signum, self.step, self.path = signum, step, path
         super().__init__(f"interrupted at step {step}; checkpoint saved to {path}; rerun the same command to resume")
+
+
+class OutputError(BertNMTError):
+    """An output file cannot be written (a full disk, a read-only folder); the message names the path."""

@@ -8,13 +8,14 @@ see :func:`bertnmt.metrics.paper_options`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bertnmt.atomic import write_json, write_text
+from bertnmt.cli import check_writable
 from bertnmt.data.corpora import SPLITS, normalise, read_lines
 from bertnmt.errors import ConfigError, DataError
 from bertnmt.export import load_model
@@ -34,6 +35,21 @@ def bleu_options(tgt_lang: str, paper_style: bool = False, lowercase: bool = Fal
     return BleuOptions(tokenize=tokenize or bleu_tokenizer_for(tgt_lang), lowercase=lowercase)
 
 
+def check_tokenize(tokenize: str | None) -> None:
+    """A ConfigError unless ``tokenize`` is one of sacreBLEU's tokenizers (checked before decoding)."""
+    from sacrebleu.metrics import BLEU
+
+    if tokenize is None:
+        return
+    if tokenize not in BLEU.TOKENIZERS:
+        raise ConfigError(f"--tokenize {tokenize!r} is not a sacreBLEU tokenizer; "
+                          f"choose one of {', '.join(BLEU.TOKENIZERS)}")
+    try:
+        BLEU(tokenize=tokenize)
+    except (RuntimeError, ImportError, OSError) as e:  # mecab without its package, spm without its download
+        raise ConfigError(f"--tokenize {tokenize!r} is not usable here: {' '.join(str(e).split())}") from None
+
+
 def _split_texts(tr: Translator, split: str, cache_dir: str | None) -> tuple[list[str], list[str]]:
     """Sources and references of a split of the model's configured corpus (prepared and cached as in training)."""
     from bertnmt.data.prepare import prepare_data
@@ -50,6 +66,8 @@ def _split_texts(tr: Translator, split: str, cache_dir: str | None) -> tuple[lis
 
 def _file_texts(src: str | Path, ref: str | Path | None) -> tuple[list[str], list[str] | None]:
     sources = read_lines(Path(src))
+    if not sources:
+        raise DataError(f"{src}: empty file, nothing to translate")
     if ref is None:
         return sources, None
     refs = [normalise(r) for r in read_lines(Path(ref))]
@@ -72,28 +90,43 @@ def evaluate(model: str | Path, *, split: str = "test", src: str | Path | None =
              device: str = "auto", bert_path: str | None = None, vocab: str | Path | None = None, limit: int = 0,
              cache_dir: str | None = None, config: str | Path | None = None,
              translator: Translator | None = None) -> dict[str, Any]:
-    """Decode and score; returns the record written to ``<out>.json`` (scores only when references exist)."""
+    """Decode and score; returns the record written to ``<out>.json`` (scores only when references exist).
+
+    The options, the input files and the output folder are checked before the model is loaded, so a
+    mistake costs no decoding: a negative ``limit``, an unknown ``tokenize``, an empty ``src``, line
+    counts that differ, an ``out`` whose folder cannot be made.
+    """
+    if limit < 0:
+        raise ConfigError(f"--limit {limit}: must be 0 (every sentence) or a positive number of sentences")
+    check_tokenize(tokenize)
+    if paper_style and tokenize is not None:
+        raise ConfigError("--paper-style fixes the tokenisation; drop --tokenize")
+    if ref is not None and src is None:
+        raise ConfigError("--ref needs --src (a split brings its own references)")
+    if src is None and split not in SPLITS:
+        raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    files = _file_texts(src, ref) if src is not None else None
+    if out is not None:
+        check_writable(Path(out).parent, "--out")
     tr = translator or load_model(model, device=device, bert_path=bert_path, vocab=vocab, config=config)
-    beam = tr.cfg.eval.beam if beam is None else beam
+    beam = tr.check_beam(beam)
     lenpen = tr.cfg.eval.lenpen if lenpen is None else lenpen
-    if src is not None:
-        sources, refs = _file_texts(src, ref)
+    if files is not None:
+        sources, refs = files
         name = Path(src).name
     else:
-        if ref is not None:
-            raise ConfigError("--ref needs --src (a split brings its own references)")
         sources, refs = _split_texts(tr, split, cache_dir)
         name = split
     if limit:
         sources, refs = sources[:limit], (refs[:limit] if refs is not None else None)
+    out = Path(out) if out is not None else default_out(model, name, beam, paper_style)
+    check_writable(out.parent, "--out")
     start = time.perf_counter()
     hyps = tr.translate(sources, beam=beam, lenpen=lenpen)
     elapsed = time.perf_counter() - start
 
-    out = Path(out) if out is not None else default_out(model, name, beam, paper_style)
-    out.parent.mkdir(parents=True, exist_ok=True)
     hyp_path = out.with_name(out.name + ".hyp")
-    hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    write_text(hyp_path, "".join(h + "\n" for h in hyps))
     record: dict[str, Any] = {
         "model": str(model), "source": str(src) if src is not None else f"{tr.cfg.data.corpus}:{split}",
         "reference": str(ref) if ref is not None else (None if src is not None else f"{tr.cfg.data.corpus}:{split}"),
@@ -106,7 +139,7 @@ def evaluate(model: str | Path, *, split: str = "test", src: str | Path | None =
         score = corpus_scores(hyps, refs, lang, options=opts)
         record.update(score.to_dict(), tgt_lang=lang, paper_style=paper_style, bleu_options=opts.describe())
     json_path = out.with_name(out.name + ".json")
-    json_path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(json_path, record)
     record["scores_file"] = str(json_path)
     record["hypotheses_file"] = str(hyp_path)
     return record

@@ -28,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bertnmt import __version__
+from bertnmt.atomic import fsync_dir, fsync_file, temp_name, write_error
 from bertnmt.averaging import checkpoint_folder
 from bertnmt.checkpoint import load_checkpoint, load_model_weights
+from bertnmt.cli import one_line
 from bertnmt.config import Config, ModelConfig, to_config
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
 from bertnmt.errors import CheckpointError, DataError
@@ -80,6 +83,13 @@ def _sha256(path: Path) -> str:
     return file_sha256(path)
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        return OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid config ({' '.join(str(e).split())[:200]})") from None
+
+
 def _load_config(path: Path, meta: dict[str, Any], config: str | Path | None = None) -> Config:
     """The run's config: ``config`` if given, else ``meta["config"]``, else ``config.yaml`` of the run;
     ``model`` from ``meta["model"]``."""
@@ -88,13 +98,13 @@ def _load_config(path: Path, meta: dict[str, Any], config: str | Path | None = N
     if config is not None:
         if not Path(config).is_file():
             raise CheckpointError(f"config {config} does not exist")
-        raw, origin = OmegaConf.load(config), str(config)
+        raw, origin = _read_yaml(Path(config)), str(config)
     elif not isinstance(raw, dict):
         found = next((d / "config.yaml" for d in list(path.parents)[:3] if (d / "config.yaml").is_file()), None)
         if found is None:
             raise CheckpointError(f"checkpoint {path} carries no config and no config.yaml is beside it "
                                   "(expected in its run directory); pass one with --config / config=")
-        raw, origin = OmegaConf.load(found), str(found)
+        raw, origin = _read_yaml(found), str(found)
     try:
         cfg = to_config(raw)
         if isinstance(meta.get("model"), dict):  # the stage's own model (the baseline of a fused run is plain)
@@ -146,16 +156,61 @@ def _encoder_info(cfg: Config, meta: dict[str, Any], weights: dict[str, torch.Te
             "weights_sha256": enc.get("weights_sha256"), "weights_included": any(k.startswith("bert.") for k in weights)}
 
 
+def _run_folder(src: Path) -> Path:
+    """The run folder of a source: a run directory itself; for a checkpoint, its run (or its folder)."""
+    if src.is_dir():
+        return src
+    if src.parent.parent.name == "checkpoints":  # <run>/checkpoints/<stage>/checkpoint_*.pt
+        return src.parent.parent.parent
+    return src.parent
+
+
+def check_export_target(src: str | Path, out_dir: str | Path) -> bool:
+    """Refuse a target that holds what export did not write; True if it is an earlier export (replaced).
+
+    The target must not be the source's run folder or a folder above it (its files would be lost),
+    and must be absent, an empty folder, or an earlier export (``export.json`` of this format).
+    """
+    out = Path(out_dir)
+    run = _run_folder(Path(src)).resolve()
+    target = out.resolve()
+    if target == run or target in run.parents:
+        raise CheckpointError(f"{out_dir}: is {'the run folder' if target == run else 'a folder above the run'} of "
+                              f"{src}; export into a new folder (e.g. {run / 'export'})")
+    if not out.exists() and not out.is_symlink():
+        return False
+    if not out.is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a folder; export writes a folder")
+    try:
+        entries = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise CheckpointError(f"{out_dir}: cannot list the folder ({e.strerror})") from None
+    if not entries:
+        return False
+    try:
+        info = json.loads((out / INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{out_dir}: not empty and not an earlier bertnmt export (it holds {entries[0]!r}"
+                              f"{f' and {len(entries) - 1} more' if len(entries) > 1 else ''}); "
+                              "export into a new or empty folder")
+    return True
+
+
 def export_model(run_dir_or_checkpoint: str | Path, out_dir: str | Path, vocab: str | Path | None = None,
                  config: str | Path | None = None) -> Path:
     """Write an exported folder (see the module docstring) from a checkpoint or a run directory.
 
-    The folder is written under a temporary name and renamed into place; an existing export at
-    ``out_dir`` is replaced.
+    The target is checked first (:func:`check_export_target`). The folder is written under a temporary
+    name, every file fsynced with a normal file's mode, and renamed into place. An earlier export at
+    ``out_dir`` is replaced; files in it that export did not write (an evaluation's output) are moved
+    into the new folder, never deleted.
     """
     src = Path(run_dir_or_checkpoint)
     if src.is_dir() and is_export(src):
         raise CheckpointError(f"{src} is already an exported model")
+    replace_old = check_export_target(src, out_dir)
     ckpt_path = find_checkpoint(src) if src.is_dir() else src
     ctx = checkpoint_context(ckpt_path, vocab, config)
     weights = {k: v.contiguous() for k, v in ctx.ckpt["model"].items()}
@@ -170,9 +225,12 @@ def export_model(run_dir_or_checkpoint: str | Path, out_dir: str | Path, vocab: 
         "files": list(REQUIRED),
     }
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(out)
+        tmp.mkdir()
+    except OSError as e:
+        raise write_error(out, e) from None
     try:
         from safetensors.torch import save_file
 
@@ -180,25 +238,72 @@ def export_model(run_dir_or_checkpoint: str | Path, out_dir: str | Path, vocab: 
         OmegaConf.save(OmegaConf.structured(ctx.cfg), tmp / CONFIG)
         shutil.copyfile(ctx.vocab_path, tmp / VOCAB)
         (tmp / INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.with_name(f".old-{out.name}-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        mode = 0o666 & ~_umask()  # safetensors writes 0600; an export is meant to be shared
+        for name in REQUIRED:
+            os.chmod(tmp / name, mode)
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
+        if replace_old:
+            _replace_export(tmp, out)
+        else:
+            os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except OSError as e:
+        raise write_error(out, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s (%s stage) to %s", ckpt_path, stage or "?", out)
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _replace_export(new: Path, out: Path) -> None:
+    """Put the complete folder ``new`` in the place of the earlier export ``out``.
+
+    The earlier export is renamed aside; the files export did not write are moved into the new
+    folder; then only export's own files are deleted and the emptied folder removed (``rmdir``
+    fails rather than delete anything else). A crash midway leaves the user's files in
+    ``.old-<name>.*`` beside ``out``.
+    """
+    old = out.with_name(f".old-{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    kept = sorted(p.name for p in old.iterdir() if p.name not in REQUIRED)
+    for name in kept:
+        os.rename(old / name, out / name)
+    for name in REQUIRED:
+        (old / name).unlink(missing_ok=True)
+    old.rmdir()
+    if kept:
+        log.warning("kept %d file(s) of the earlier export in %s (%s): they describe the earlier model",
+                    len(kept), out, ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else ""))
+
+
 def _build(cfg: Config, weights: dict[str, torch.Tensor], vocab: SubwordVocab, encoder: dict[str, Any] | None,
-           device: str, source: str) -> Translator:
+           device: str, source: str, origin: str | None = None) -> Translator:
+    """The Translator; ``origin`` (the config's file) is named when the config does not fit the weights."""
     from bertnmt.pipeline import make_model, weights_sha256
 
-    model = make_model(cfg, len(vocab), vocab.pad_id)
-    load_model_weights(model, weights, source)
+    try:
+        model = make_model(cfg, len(vocab), vocab.pad_id)
+    except (ValueError, AssertionError, RuntimeError, TypeError, ArithmeticError) as e:  # dimensions that do not fit
+        raise CheckpointError(f"{origin or source}: its model section describes no model that can be built "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    try:
+        load_model_weights(model, weights, source)
+    except CheckpointError as e:
+        if origin is None:
+            raise
+        raise CheckpointError(f"{origin}: the model it describes does not fit the weights ({e})") from None
     tokenizer = None
     if model.bert is not None:
         enc = encoder or {}
@@ -224,10 +329,11 @@ def _load_export(folder: Path, device: str, bert_path: str | None) -> Translator
     if info.get("format") != EXPORT_FORMAT or info.get("version") != EXPORT_VERSION:
         raise CheckpointError(f"{folder / INFO}: format {info.get('format')!r} version {info.get('version')!r}; "
                               f"this bertnmt reads {EXPORT_FORMAT!r} version {EXPORT_VERSION}")
+    raw = _read_yaml(folder / CONFIG)
     try:
-        cfg = to_config(OmegaConf.load(folder / CONFIG))
+        cfg = to_config(raw)
     except OmegaConfBaseException as e:
-        raise CheckpointError(f"{folder / CONFIG}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{folder / CONFIG}: not a valid config ({one_line(e)})") from None
     if bert_path:
         cfg.bert.path = bert_path
     vocab = SubwordVocab(folder / VOCAB)
@@ -240,7 +346,7 @@ def _load_export(folder: Path, device: str, bert_path: str | None) -> Translator
         weights = load_file(str(folder / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise CheckpointError(f"{folder / WEIGHTS}: cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
-    return _build(cfg, weights, vocab, info.get("encoder"), device, str(folder))
+    return _build(cfg, weights, vocab, info.get("encoder"), device, str(folder), str(folder / CONFIG))
 
 
 def load_model(path: str | Path, device: str = "auto", bert_path: str | None = None,

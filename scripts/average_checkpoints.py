@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from bertnmt.cli import tool_exit_code
 from bertnmt.errors import BertNMTError
 
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from bertnmt.averaging import average_checkpoints, last_checkpoints
 
-    try:
+    def run() -> None:
         if args.last is not None:
             if len(args.inputs) != 1:
                 raise BertNMTError("--last takes one run directory or checkpoint folder")
@@ -36,11 +37,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             paths = args.inputs
         out = average_checkpoints(paths, args.out)
-    except BertNMTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"averaged {len(paths)} checkpoints into {out}:")
-    print("\n".join(f"  {p}" for p in paths))
+        print(f"averaged {len(paths)} checkpoints into {out}:")
+        print("\n".join(f"  {p}" for p in paths))
+
+    code = tool_exit_code(run)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from bertnmt.errors import BertNMTError
+from bertnmt.cli import tool_exit_code
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--split", default="test", help="a split of the model's configured corpus (default: test)")
     what.add_argument("--src", help="a source file (one sentence a line) instead of a split")
     what.add_argument("--ref", help="references for --src (same number of lines)")
-    what.add_argument("--limit", type=int, default=0, help="only the first N sentences")
+    what.add_argument("--limit", type=int, default=0, help="only the first N sentences (0, the default: all)")
     what.add_argument("--cache-dir", help="prepared-data cache (default: the run's data.cache_dir)")
     dec = p.add_argument_group("decoding")
     dec.add_argument("--beam", type=int, help="beam size (default: the run's eval.beam; 1 = greedy)")
@@ -46,15 +46,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from bertnmt.evaluate import evaluate, format_record
 
-    try:
+    def run() -> None:
         rec = evaluate(args.model, split=args.split, src=args.src, ref=args.ref, beam=args.beam, lenpen=args.lenpen,
                        paper_style=args.paper_style, lowercase=args.lowercase, tokenize=args.tokenize,
                        tgt_lang=args.tgt_lang, out=args.out, device=args.device, bert_path=args.bert_path,
                        vocab=args.vocab, limit=args.limit, cache_dir=args.cache_dir, config=args.config)
-    except BertNMTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(format_record(rec))
+        print(format_record(rec))
+
+    code = tool_exit_code(run)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -11,25 +11,22 @@ import argparse
 import logging
 import sys
 
-from bertnmt.errors import BertNMTError
+from bertnmt.cli import tool_exit_code
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run directory or a checkpoint (.pt)")
-    p.add_argument("out", help="the folder to write (replaced if it exists)")
+    p.add_argument("out", help="the folder to write: new, empty, or an earlier export (replaced; other files in it are kept)")
     p.add_argument("--vocab", help="the SentencePiece model, when a checkpoint's own cannot be found")
     p.add_argument("--config", help="the run's config.yaml, for a checkpoint that carries none (older runs)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from bertnmt.export import export_model
 
-    try:
-        out = export_model(args.source, args.out, vocab=args.vocab, config=args.config)
-    except BertNMTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(out)
+    code = tool_exit_code(lambda: print(export_model(args.source, args.out, vocab=args.vocab, config=args.config)))
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

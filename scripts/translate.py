@@ -6,6 +6,11 @@
 
 --nbest N prints fairseq-like lines (S-i source, then H-i<TAB>score<TAB>translation per hypothesis),
 or with --format tsv: i<TAB>rank<TAB>score<TAB>translation.
+
+Input is UTF-8; line breaks are LF, CRLF or CR. A file (-i) with a line that is not UTF-8 is refused
+before anything is translated; on stdin, the lines before such a line are translated and printed,
+then the tool stops with one error line naming it (exit 2). A closed output pipe (| head) ends it
+quietly (exit 141).
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
-from bertnmt.errors import BertNMTError
+from bertnmt.cli import tool_exit_code
+from bertnmt.errors import DataError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,37 +62,48 @@ def prompt(text: str) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from bertnmt.data.corpora import read_lines
+    code = tool_exit_code(lambda: translate(args))
+    if code:
+        raise SystemExit(code)
+
+
+def translate(args: argparse.Namespace) -> None:
+    from bertnmt.data.corpora import StreamLines, read_lines
     from bertnmt.export import load_model
     from bertnmt.translator import format_hypotheses
 
     fmt = args.format if args.format != "auto" else ("plain" if args.nbest == 1 else "fairseq")
-    try:
-        tr = load_model(args.model, device=args.device, bert_path=args.bert_path, vocab=args.vocab, config=args.config)
-        beam = tr.check_beam(args.beam, args.nbest)  # a bad --beam / --nbest fails before any input is read
+    sources = read_lines(Path(args.input)) if args.input else None  # a bad file fails before the model loads
+    tr = load_model(args.model, device=args.device, bert_path=args.bert_path, vocab=args.vocab, config=args.config)
+    beam = tr.check_beam(args.beam, args.nbest)  # a bad --beam / --nbest fails before any input is read
 
-        def emit(first: int, batch: list[str]) -> None:
-            for k, (src, hyps) in enumerate(zip(batch, tr.translate_nbest(batch, beam, args.nbest, args.lenpen))):
-                print("\n".join(format_hypotheses(first + k, src, hyps, fmt)), flush=True)
+    def emit(first: int, batch: list[str]) -> None:
+        for k, (src, hyps) in enumerate(zip(batch, tr.translate_nbest(batch, beam, args.nbest, args.lenpen))):
+            print("\n".join(format_hypotheses(first + k, src, hyps, fmt)), flush=True)
 
-        if args.input is None and sys.stdin.isatty():  # interactive: one line at a time
-            print(f"{tr}\ntype a sentence and press Enter (Ctrl-D quits)", file=sys.stderr)
-            n = 0
-            while True:
-                line = prompt("> ")
-                if line is None:
-                    break
-                emit(n, [line])
-                n += 1
-            return
-        lines = iter(read_lines(Path(args.input))) if args.input else (line.rstrip("\n") for line in sys.stdin)
+    if sources is None and sys.stdin.isatty():  # interactive: one line at a time
+        print(f"{tr}\ntype a sentence and press Enter (Ctrl-D quits)", file=sys.stderr)
         n = 0
-        for batch in chunks(lines, max(1, args.buffer)):
-            emit(n, batch)
-            n += len(batch)
-    except BertNMTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        while True:
+            try:
+                line = prompt("> ")
+            except UnicodeDecodeError:  # the terminal sent bytes that are not UTF-8: ask again
+                print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+                continue
+            if line is None:
+                break
+            emit(n, [line])
+            n += 1
+        return
+    raw = getattr(sys.stdin, "buffer", None) or (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
+    stream = StreamLines(raw) if sources is None else None
+    n = 0
+    for batch in chunks(iter(sources if stream is None else stream), max(1, args.buffer)):
+        emit(n, batch)
+        n += len(batch)
+    if stream is not None and stream.error is not None:
+        done = f"; the {n} line(s) before it were translated" if n else ""
+        raise DataError(f"{stream.error}{done}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from bertnmt.data import (
     prepare_data,
     resolve_model_path,
 )
+from bertnmt.data.corpora import read_lines
 from bertnmt.errors import ConfigError, DataError
 
 MIRROR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -138,19 +139,35 @@ def test_custom_corpus_relative_paths_and_empty_lines(tmp_path, monkeypatch):
     tgt = [f"die katze nummer {i} sitzt auf matte {i % 7}." for i in range(n)]
     src[5], tgt[9] = "   ", ""  # two empty pairs
     tgt[3] = "  caf\u0065\u0301 au lait  "  # decomposed é -> NFC, stripped
-    for split in ("train", "valid", "test"):
-        write_lines(tmp_path / f"{split}.src", src)
-        write_lines(tmp_path / f"{split}.tgt", tgt)
+    full = [i for i in range(n) if i not in (5, 9)]
+    for split in ("train", "valid", "test"):  # empty pairs are dropped from train; valid and test have none
+        write_lines(tmp_path / f"{split}.src", src if split == "train" else [src[i] for i in full])
+        write_lines(tmp_path / f"{split}.tgt", tgt if split == "train" else [tgt[i] for i in full])
     custom = {s: {"src": f"{s}.src", "tgt": f"{s}.tgt"} for s in ("train", "valid", "test")}
     cfg = DataConfig(corpus="custom", src_lang="xx", tgt_lang="yy", custom=custom, cache_dir="cache")
     data = prepare_data(cfg)
     assert data.dir.parent == tmp_path / "cache"
-    assert data.report["dropped_empty"] == {"train": 2, "valid": 2, "test": 2}
+    assert data.report["dropped_empty"] == {"train": 2, "valid": 0, "test": 0}
     assert data.report["pairs"] == {"train": n - 2, "valid": n - 2, "test": n - 2}
     assert data.splits["train"].tgt_text[3] == "caf\u00e9 au lait"
     assert data.vocab.decode(data.vocab.encode(src[0])) == src[0]
-    write_lines(tmp_path / "test.tgt", tgt[:-1] + ["changed"])  # content change -> new key
+    write_lines(tmp_path / "test.tgt", [tgt[i] for i in full][:-1] + ["changed"])  # content change -> new key
     assert prepare_data(cfg).key != data.key
+    # an empty line inside a test file would shift the hypotheses against the file's lines: refused
+    write_lines(tmp_path / "test.src", src)
+    write_lines(tmp_path / "test.tgt", tgt)
+    with pytest.raises(DataError, match=r"^test\.src: line 6 is empty; the hypotheses of a valid or test split"):
+        prepare_data(cfg)
+
+
+def test_line_breaks_cr_crlf_and_lf(tmp_path):
+    """CR-only files (old Mac) split into their lines, as CRLF and LF do; lone CRs are counted in a warning."""
+    for name, data in (("lf", b"a b\nc d\n"), ("crlf", b"a b\r\nc d\r\n"), ("cr", b"a b\rc d\r")):
+        (tmp_path / name).write_bytes(data)
+        assert read_lines(tmp_path / name) == ["a b", "c d"], name
+    (tmp_path / "bad").write_bytes(b"ok\rstill ok\rcaf\xe9\r")
+    with pytest.raises(DataError, match=r"bad: line 3 is not valid UTF-8 \(byte 0xe9\)"):
+        read_lines(tmp_path / "bad")
 
 
 def test_failed_prepare_leaves_no_cache(tmp_path, monkeypatch):

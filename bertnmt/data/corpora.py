@@ -15,6 +15,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -180,11 +181,17 @@ def normalise(text: str) -> str:
 
 
 def read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file (``.gz`` decompressed), split on ``\\n`` only, not normalised."""
+    """Lines of a UTF-8 text file (``.gz`` decompressed), not normalised.
+
+    Line breaks are LF, CRLF or a lone CR (old Mac files): a file of CR-only line endings would
+    otherwise be one line. Lone CRs are counted in a warning, since they change the line count.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a text file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     if path.suffix == ".gz":
@@ -195,23 +202,88 @@ def read_lines(path: Path) -> list[str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}: line {line} is not valid UTF-8 (byte {data[e.start]:#04x})") from None
-    lines = text.removeprefix("\ufeff").split("\n")
+        line = len(split_lines(data[: e.start].decode("utf-8", errors="replace"), path, warn=False))
+        raise DataError(f"{path}: line {max(line, 1)} is not valid UTF-8 (byte {data[e.start]:#04x})") from None
+    lines = split_lines(text.removeprefix("\ufeff"), path)
     if lines and lines[-1] == "":
         lines.pop()
     return lines
 
 
-def _read_parallel(src: Path, tgt: Path) -> tuple[Pairs, int]:
-    """Aligned normalised pairs from two files; returns (pairs, number of empty pairs dropped)."""
+def split_lines(text: str, source: Path | str, warn: bool = True) -> list[str]:
+    """``text`` split at LF, CRLF and lone CR; a warning counts the lone CRs read as line breaks."""
+    text = text.replace("\r\n", "\n")
+    lone = text.count("\r")
+    if lone:
+        if warn:
+            logger.warning("%s: %d carriage return(s) without a line feed read as line breaks", source, lone)
+        text = text.replace("\r", "\n")
+    return text.split("\n")
+
+
+class StreamLines:
+    """Lines of a binary stream (stdin), decoded as UTF-8 one at a time, for translating as they come.
+
+    Line breaks are those of :func:`read_lines`. Iteration stops before the first line that is not
+    UTF-8 and keeps that :class:`~bertnmt.errors.DataError` in ``error`` (naming the line), so that
+    the lines before it are still translated.
+    """
+
+    def __init__(self, stream: Iterable[bytes], name: str = "stdin") -> None:
+        self.stream, self.name = stream, name
+        self.error: DataError | None = None
+        self.count = 0  # lines read so far
+
+    def __iter__(self) -> Iterator[str]:
+        warned = False
+        for raw in self.stream:
+            if raw.endswith(b"\r\n"):
+                body = raw[:-2]
+            elif raw.endswith((b"\n", b"\r")):  # a CR at the very end of the stream ends its last line
+                body = raw[:-1]
+            else:
+                body = raw
+            pieces = body.split(b"\r")  # UTF-8 never holds the byte 0x0d inside a character
+            if len(pieces) > 1 and not warned:
+                logger.warning("%s: carriage returns without a line feed read as line breaks (from line %d)",
+                               self.name, self.count + 1)
+                warned = True
+            for piece in pieces:
+                try:
+                    line = piece.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    self.error = DataError(f"{self.name}: line {self.count + 1} is not valid UTF-8 "
+                                           f"(byte {piece[e.start]:#04x})")
+                    return
+                self.count += 1
+                yield line.removeprefix("\ufeff") if self.count == 1 else line
+
+
+def _read_parallel(src: Path, tgt: Path, scored: bool = False) -> tuple[Pairs, int]:
+    """Aligned normalised pairs from two files; returns (pairs, number of empty pairs dropped).
+
+    ``scored`` (valid, test): hypotheses are compared with these files line by line, so an empty
+    line is refused, except empty lines on both sides at the end of the files.
+    """
     src_lines, tgt_lines = read_lines(src), read_lines(tgt)
     if len(src_lines) != len(tgt_lines):
         raise DataError(f"line counts differ: {src} has {len(src_lines)} lines, {tgt} has {len(tgt_lines)}")
+    if scored:
+        _check_no_gaps(src, tgt, src_lines, tgt_lines)
     pairs, empty = _drop_empty(src_lines, tgt_lines)
     if not pairs[0]:
         raise DataError(f"{src} and {tgt} hold no sentence pairs ({len(src_lines)} lines, all empty on one side or both)")
     return pairs, empty
+
+
+def _check_no_gaps(src: Path, tgt: Path, src_lines: list[str], tgt_lines: list[str]) -> None:
+    end = len(src_lines)
+    while end and not src_lines[end - 1].strip() and not tgt_lines[end - 1].strip():
+        end -= 1
+    for n, (s, t) in enumerate(zip(src_lines[:end], tgt_lines[:end]), start=1):
+        if not s.strip() or not t.strip():
+            raise DataError(f"{src if not s.strip() else tgt}: line {n} is empty; the hypotheses of a valid or test "
+                            "split must stay aligned with its lines, so remove the pair from both files")
 
 
 def _drop_empty(src_lines: list[str], tgt_lines: list[str]) -> tuple[Pairs, int]:
@@ -261,14 +333,14 @@ def load_corpus(cfg: DataConfig) -> tuple[dict[str, Pairs], dict[str, int]]:
     empty: dict[str, int] = {}
     if spec.name == "custom":
         for split, sides in custom_files(cfg).items():
-            splits[split], empty[split] = _read_parallel(sides["src"], sides["tgt"])
+            splits[split], empty[split] = _read_parallel(sides["src"], sides["tgt"], scored=split != "train")
     elif spec.tsv is not None:
         splits, empty = _read_tsv(fetch(spec.files[spec.tsv], cfg), spec.langs, cfg)
     else:
         local = {fid: fetch(f, cfg) for fid, f in spec.files.items()}
         for split, by_lang in spec.parallel.items():
             src, tgt = local[by_lang[cfg.src_lang]], local[by_lang[cfg.tgt_lang]]
-            splits[split], empty[split] = _read_parallel(src, tgt)
+            splits[split], empty[split] = _read_parallel(src, tgt, scored=split != "train")
     return {s: splits[s] for s in SPLITS}, {s: empty[s] for s in SPLITS}
 
 
