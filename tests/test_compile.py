@@ -19,12 +19,14 @@ def test_compiled_training_matches_eager(bert_path: str, tmp_path: Path, monkeyp
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
     data = fake_data(tmp_path / "data")
-    eager, eager_losses, _ = make_trainer(bert_path, data, FreezeConfig(policy="frozen"), tmp_path / "a", 1, True)
+    # the batches compile=true trains on: lengths padded to multiples of 8 (data.pad_multiple auto)
+    eager, eager_losses, _ = make_trainer(bert_path, data, FreezeConfig(policy="frozen"), tmp_path / "a", 1, True,
+                                          pad_multiple=8)
     set_drop_net_on_device(eager.model, True)  # what compile=true uses: drop-net drawn on the device
     eager.fit()
     compiled, compiled_losses, _ = make_trainer(bert_path, data, FreezeConfig(policy="frozen"), tmp_path / "b", 1, True,
                                                 compile=True)
-    assert compiled.step_model is not compiled.model
+    assert compiled.step_model is not compiled.model and compiled.pad_multiple == eager.pad_multiple == 8
     assert all(m.drop_net_on_device for m in compiled.model.modules() if hasattr(m, "drop_net_on_device"))
     compiled.fit()
     assert len(compiled_losses) == len(eager_losses) > 2
