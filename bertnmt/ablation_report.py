@@ -8,13 +8,13 @@ Reads only what the runs wrote (``summary.json``, ``config.yaml``, ``meta.json``
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from bertnmt.ablation import ROWS, Row, is_finished
+from bertnmt.atomic import atomic_path, write_text
 
 REFERENCE = "transformer"  # our deltas are against this row
 
@@ -151,9 +151,8 @@ def plot_deltas(results: list[RowResult], path: Path) -> Optional[Path]:
     ax.legend(loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path
 
 
@@ -208,7 +207,5 @@ def write_report(out: str | Path, command: Optional[str] = None) -> Path:
     if missing:
         parts += [f"Not run (or unfinished): {', '.join(missing)}.", ""]
     md = out / "ablations.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, md)
+    write_text(md, "\n".join(parts))
     return md

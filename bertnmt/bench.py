@@ -50,6 +50,8 @@ class BenchSpec:
     warmup: int = 3  # untimed updates first
     decode_sents: int = 480
     decode_len: int = 16  # every hypothesis is forced to this many tokens (+ eos)
+    decode_tokens: int = 0  # decoding's token budget per batch (eval.max_tokens; 0 = the device's default)
+    check_every: int = 0  # decoding steps between checks for done sentences (eval.check_every; 0 = by device)
     beam: int = 5
     device: str = "cpu"
     bf16: bool = False  # autocast to bf16 (always on with CUDA)
@@ -289,10 +291,15 @@ def marian_like(cfg, vocab: int, pad_id: int):
 
 
 def decode_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
-    """Beam search over the first ``decode_sents`` test sentences, every hypothesis forced to ``decode_len``."""
-    from bertnmt.data.collate import make_loader
-    from bertnmt.search import beam_search
-    from bertnmt.training import head
+    """Beam search over the first ``decode_sents`` test sentences, every hypothesis forced to ``decode_len``.
+
+    Ours through :func:`bertnmt.decoding.decode_corpus`, the loop of validation and the Translator (its
+    length-sorted token-budget batches); MarianMTModel's ``generate`` on the same batches."""
+    import numpy as np
+
+    from bertnmt.data.collate import collate
+    from bertnmt.data.features import FeatureStore
+    from bertnmt.decoding import DEFAULT_MAX_TOKENS, DecodeOptions, decode_corpus, head, length_batches
 
     base = "plain" if variant == "decode_marian" else variant
     cfg, data, tok, model, policy, features, device = _setup(spec, base)
@@ -301,37 +308,49 @@ def decode_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
         model = marian_like(cfg.model, len(data.vocab), data.vocab.pad_id).to(device)
     model.eval()
     split = head(data.splits["test"], spec.decode_sents)
-    loader = make_loader(split, spec.max_tokens, seed=0, shuffle=False, enc_pad_id=tok.pad_id)  # same batches for all
-    batches = [b.to(device) for b in loader]
     L, pad = spec.decode_len, data.vocab.pad_id
-    cached: list = [None] * len(batches)
+    opts = DecodeOptions(beam=spec.beam, lenpen=1.0, max_len_a=0.0, max_len_b=L, min_len=L,
+                         max_tokens=spec.decode_tokens, check_every=spec.check_every,
+                         precision="bf16" if spec.bf16 else "auto")
+    budget = opts.max_tokens or DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cpu"])
+    batches = length_batches([len(s) for s in split.src_ids], [len(e) for e in split.enc_ids], spec.beam, budget)
+    enc_ids = split.enc_ids if fused else None
+    store = None
     if variant == "decode_fused_cached":  # H_B of the test sentences computed beforehand (the feature cache)
         with torch.inference_mode():
-            cached = [(model.bert(b.enc_ids, b.enc_mask), b.enc_mask.eq(0)) for b in batches]
+            rows = []
+            for i in range(len(split.enc_ids)):
+                ids = torch.as_tensor(split.enc_ids[i], dtype=torch.long, device=device).unsqueeze(0)  # (1, E)
+                rows.append(model.bert(ids, torch.ones_like(ids))[0].half().cpu().numpy())  # (E, Hb)
+        store = FeatureStore(np.concatenate(rows), np.cumsum([0] + [len(r) for r in rows]))
 
-    def run(batches: list) -> int:
+    def run(n: int) -> int:
+        if variant != "decode_marian":
+            found = decode_corpus(model, split.src_ids[:n], enc_ids[:n] if enc_ids else None, opts, device,
+                                  tok.pad_id if fused else None, store)
+            return sum(len(h[0][0]) + 1 for h in found)
         n_tok = 0
-        for b, h_b in zip(batches, cached):
+        empty = np.zeros(0, dtype=np.int32)
+        for idx in ([i for i in b if i < n] for b in batches):
+            if not idx:
+                continue
+            b = collate([(i, split.src_ids[i], empty, None, None) for i in idx]).to(device)
             with torch.inference_mode(), _autocast(spec, device):
-                if variant == "decode_marian":
-                    out = model.generate(input_ids=b.src, attention_mask=b.src.ne(pad), num_beams=spec.beam,
-                                         min_new_tokens=L + 1, max_new_tokens=L + 1, do_sample=False,
-                                         length_penalty=1.0, early_stopping=False)
-                    n_tok += (out.size(1) - 1) * out.size(0)
-                else:
-                    enc_ids, enc_mask = (b.enc_ids, b.enc_mask) if fused else (None, None)  # BERT live, or h_b
-                    hyps = beam_search(model, b.src, enc_ids, enc_mask, spec.beam, 1.0, 0.0, L, min_len=L, bert_out=h_b)
-                    n_tok += sum(len(h[0][0]) + 1 for h in hyps)
+                out = model.generate(input_ids=b.src, attention_mask=b.src.ne(pad), num_beams=spec.beam,
+                                     min_new_tokens=L + 1, max_new_tokens=L + 1, do_sample=False,
+                                     length_penalty=1.0, early_stopping=False)
+            n_tok += (out.size(1) - 1) * out.size(0)
         return n_tok
 
-    run(batches[:1])  # warm-up
+    run(min(8, len(split)))  # warm-up
     _sync(device)
     start = time.perf_counter()
-    n_tok = run(batches)
+    n_tok = run(len(split))
     _sync(device)
     elapsed = time.perf_counter() - start
-    n = sum(b.src.size(0) for b in batches)
-    shapes = [(b.src.size(0), b.src.size(1), 0, b.enc_ids.size(1)) for b in batches]
+    n = len(split)
+    shapes = [(len(b), max(len(split.src_ids[i]) + 1 for i in b), 0, max(len(split.enc_ids[i]) for i in b))
+              for b in batches]
     return {"variant": variant, "sents_per_s": n / elapsed, "decode_s": elapsed, "sentences": n,
             "tokens_out": n_tok, "peak_mb": peak_memory_mb(device), "shapes": shapes}
 
@@ -526,8 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     text = report(spec, res, device_name(spec))
     print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps({"spec": asdict(spec), "device": device_name(spec), "results": res,
-                                              "report": text}, indent=1))
+        from bertnmt.atomic import write_text
+
+        write_text(args.out, json.dumps({"spec": asdict(spec), "device": device_name(spec), "results": res,
+                                         "report": text}, indent=1))
     return 0 if len(res) == len(variants) else 1
 
 

@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run_one(label, n, t, args.steps, out, args.extra) for label, n, t in plan]
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_before": [round(x, 2) for x in load],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(), "rows": rows}
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    from bertnmt.atomic import write_json
+
+    write_json(out / "results.json", report)
     print(markdown(rows))
     print(f"load average before {report['loadavg_before']}, after {report['loadavg_after']}; {out / 'results.json'}")
     return 0

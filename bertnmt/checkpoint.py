@@ -16,14 +16,10 @@ or a full disk never leaves a half-written checkpoint under a checkpoint's name.
 """
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import pickle
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +28,7 @@ import torch
 from torch import nn
 
 from bertnmt import distributed
+from bertnmt.atomic import DISK_FULL, atomic_path, copy_file, is_temp
 from bertnmt.errors import CheckpointError
 from bertnmt.model.fusion import drop_net_generator
 
@@ -40,38 +37,17 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # new keys are optional: a version-1 file without them is an end-of-epoch checkpoint
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 _STEP_NAME = re.compile(r"checkpoint_(\d+)_(\d+)\.pt")
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _write_error(path: Path, err: OSError) -> CheckpointError:
-    if err.errno in _DISK_FULL:
+    if err.errno in DISK_FULL:
         return CheckpointError(f"no space left on device while writing checkpoint {path}; the previous checkpoint "
                                "is intact: free some space and rerun the same command to resume")
     return CheckpointError(f"cannot write checkpoint {path} ({err.strerror or err})")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (best effort: not every file system can open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+    """Write ``payload`` to ``path`` atomically (:func:`bertnmt.atomic.atomic_path`: temp file, fsync, rename).
 
     On any failure the temp file is removed and ``path`` keeps its previous content; a full disk
     or another OS error is a :class:`CheckpointError`. Under torchrun only rank 0 writes; on the
@@ -79,43 +55,13 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """
     if not distributed.is_main():  # issue 7b
         return
-    path = Path(path)
-    payload = {"format_version": FORMAT_VERSION, **payload}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets a normal file's mode
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise _write_error(path, e) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path, _write_error) as tmp:
+        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
 
 
 def link_checkpoint(src: Path, dst: Path) -> None:
     """Make ``dst`` an atomic copy of the finished checkpoint ``src`` (a hard link where possible)."""
-    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(dst, e) from None
-    _fsync_dir(dst.parent)
+    copy_file(src, dst, _write_error)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -162,10 +108,11 @@ def rotate(folder: Path, keep: int) -> None:
 
 
 def remove_temp_files(folder: Path) -> None:
-    """Temp files of saves that a kill interrupted."""
+    """Temp files of saves that a kill interrupted (the run folder's lock keeps other processes out)."""
     if folder.is_dir():
-        for tmp in folder.glob("*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for tmp in folder.iterdir():
+            if is_temp(tmp) or tmp.suffix == ".tmp":
+                tmp.unlink(missing_ok=True)
 
 
 def position(ckpt: dict[str, Any]) -> tuple[int, int, int, int]:

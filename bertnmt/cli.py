@@ -8,12 +8,13 @@ own report of these is several lines, or a traceback). It imports neither torch 
 """
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from bertnmt.errors import BertNMTError, ConfigError, TrainingInterrupted
 
@@ -68,32 +69,80 @@ def check_writable(folder: Path, key: str) -> None:
         raise ConfigError(f"{key}={folder}: cannot create the output folder, {probe} is not writable")
 
 
+def _schema_node(schema: Any, key: str) -> str | None:
+    """Why ``key`` is not a key of the schema (a sentence), or None when it is one.
+
+    Keys below a free-form dict (``data.custom.<split>.<side>``) or a list are accepted as they are.
+    """
+    from omegaconf import DictConfig, ListConfig
+
+    node, path = schema, []
+    for part in key.split("."):
+        if isinstance(node, ListConfig) or (isinstance(node, DictConfig) and node._metadata.object_type in (None, dict)):
+            return None
+        if not isinstance(node, DictConfig) or part not in node:
+            where = ".".join(path) or "the config"
+            known = list(node.keys()) if isinstance(node, DictConfig) else []
+            close = difflib.get_close_matches(part, [str(k) for k in known], n=1)
+            hint = f"; did you mean {'.'.join([*path, close[0]])}?" if close else ""
+            return f"{where} has no key {part!r}{hint}"
+        node = node._get_node(part)
+        path.append(part)
+    return None
+
+
+def check_keys(conf_dir: Path, argv: list[str]) -> None:
+    """Every override sets a key of the schema, also with ``+``/``++`` (which Hydra lets add any key, which
+    then nothing reads); group choices (``model=tiny``, ``+exp=...``) and ``hydra.*`` are Hydra's to check."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from bertnmt.config import Config
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(argv)
+    except Exception as e:  # a syntax error: Hydra reports it when composing
+        raise ConfigError(one_line(e)) from None
+    schema = OmegaConf.structured(Config)
+    for o in overrides:
+        key = o.key_or_group
+        if key.split(".")[0] == "hydra" or "/" in key or (conf_dir / key).is_dir() or o.is_delete():
+            continue
+        why = _schema_node(schema, key)
+        if why is not None:
+            raise ConfigError(f"{o.input_line}: {why}")
+
+
 def check_command_line(conf_dir: Path, argv: list[str], config_name: str = "config") -> None:
     """Compose ``argv``'s overrides like Hydra will; a ConfigError names the key, value or option at fault.
 
-    Command lines with Hydra flags (``--multirun``, ``--cfg``, ``--help``, ...) are left to Hydra.
+    Also checks the values (:func:`bertnmt.config.check_values`) and that ``data.cache_dir`` can be
+    written. Command lines with Hydra flags (``--multirun``, ``--cfg``, ``--help``, ...) are left to Hydra.
     """
     if any(a.startswith("-") for a in argv):
         return
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from bertnmt.config import register_configs, to_config
+    from bertnmt.config import check_values, register_configs, to_config
 
     register_configs()
+    check_keys(conf_dir, argv)
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=Path(sys.argv[0]).stem):
             dcfg = compose(config_name, overrides=argv, return_hydra_config=True)
         run_dir = OmegaConf.select(dcfg, "hydra.run.dir", throw_on_resolution_failure=False)
         with open_dict(dcfg):
             del dcfg["hydra"]
-        to_config(dcfg)  # types and values against the schema
+        cfg = to_config(dcfg)  # types against the schema
     except BertNMTError:
         raise
     except Exception as e:  # Hydra's and OmegaConf's many exception types
         raise ConfigError(one_line(e)) from None
+    check_values(cfg)
     if isinstance(run_dir, str):
         check_writable(Path(run_dir), "hydra.run.dir")
+    check_writable(Path(cfg.data.cache_dir), "data.cache_dir")
 
 
 def exit_code(fn: Callable[[], object]) -> int:

@@ -7,6 +7,7 @@ library function below takes these dataclasses, never a ``DictConfig``.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -162,8 +163,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32
     log_every: int = 50
-    valid_bleu: bool = True  # greedy BLEU on the validation split every epoch
-    valid_max_sents: int = 0  # 0 = all
+    valid_bleu: bool = True  # greedy BLEU on the validation split (besides its loss, which is every epoch)
+    valid_bleu_every: int = 1  # BLEU every N epochs, and always after the stage's last epoch
+    valid_max_sents: int = 0  # BLEU on the first N validation sentences (0 = all); N is recorded with the score
     # Checkpoints and faults (README, "When things go wrong").
     save_every_steps: int = 0  # also checkpoint every N updates, mid-epoch (0 = at epoch ends only)
     keep_last: int = 3  # step checkpoints kept (checkpoint_last/best are kept apart)
@@ -180,8 +182,12 @@ class EvalConfig:
     beam: int = 5
     lenpen: float = 1.0
     max_len_a: float = 1.5
-    max_len_b: int = 10
-    batch_sents: int = 64
+    max_len_b: int = 10  # a hypothesis has at most int(max_len_a * source tokens incl. eos + max_len_b) tokens
+    min_len: int = 1  # eos is banned before this many tokens (1: never an empty translation, as fairseq)
+    # decode batches: beam x sentences x longest source <= max_tokens (0 = 131,072 on CUDA, 8,192 on the CPU)
+    max_tokens: int = 0
+    batch_sents: int = 0  # at most this many sentences per decode batch (0 = the token budget alone)
+    check_every: int = 0  # decoding steps between the host's checks for done sentences (0 = 8 on CUDA, 1 on the CPU)
     test: bool = True  # decode the test split with beam search at the end
 
 
@@ -229,3 +235,71 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, Config)
     return obj
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise _config_error(f"{key}={value} {rule}")
+
+
+def _config_error(msg: str) -> Exception:
+    from bertnmt.errors import ConfigError
+
+    return ConfigError(msg)
+
+
+def check_values(cfg: Config) -> None:
+    """The numeric and choice values that would otherwise fail late (after data preparation or a whole
+    stage of training) or deep inside torch; a ConfigError names the key and value. Nothing is imported
+    or written, so the command line is checked before a run folder exists."""
+    m, o, t, e, d = cfg.model, cfg.optim, cfg.trainer, cfg.eval, cfg.data
+    _require(m.d_model >= 1, "model.d_model", m.d_model, "must be at least 1")
+    _require(m.heads >= 1, "model.heads", m.heads, "must be at least 1")
+    _require(m.d_model % m.heads == 0, "model.heads", m.heads, f"must divide model.d_model={m.d_model}")
+    _require(m.ffn_dim >= 1, "model.ffn_dim", m.ffn_dim, "must be at least 1")
+    _require(m.enc_layers >= 0, "model.enc_layers", m.enc_layers, "must not be negative")
+    _require(m.dec_layers >= 1, "model.dec_layers", m.dec_layers, "must be at least 1")
+    _require(m.max_positions >= 2, "model.max_positions", m.max_positions, "must be at least 2")
+    for key in ("dropout", "attn_dropout", "act_dropout"):
+        p = getattr(m, key)
+        _require(0.0 <= p < 1.0, f"model.{key}", p, "must be in [0, 1)")
+    _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
+    _require(o.eps > 0, "optim.eps", o.eps, "must be positive")
+    _require(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", list(o.betas), "must both be in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must not be negative")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must not be negative")
+    _require(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", o.label_smoothing, "must be in [0, 1)")
+    _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "must not be negative (0 = off)")
+    _require(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "must be at least 1")
+    _require(t.max_steps >= 0, "trainer.max_steps", t.max_steps, "must not be negative (0 = no limit)")
+    _require(t.accum_steps >= 1, "trainer.accum_steps", t.accum_steps, "must be at least 1")
+    _require(t.log_every >= 1, "trainer.log_every", t.log_every, "must be at least 1")
+    _require(t.save_every_steps >= 0, "trainer.save_every_steps", t.save_every_steps, "must not be negative (0 = off)")
+    _require(t.keep_last >= 0, "trainer.keep_last", t.keep_last, "must not be negative")
+    _require(t.max_nonfinite_in_row >= 0, "trainer.max_nonfinite_in_row", t.max_nonfinite_in_row,
+             "must not be negative (0 = never stop)")
+    _require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device)), "trainer.device", t.device,
+             "is not one of auto, cpu, cuda, cuda:N")
+    _require(e.beam >= 1, "eval.beam", e.beam, "must be at least 1")
+    _require(e.batch_sents >= 1, "eval.batch_sents", e.batch_sents, "must be at least 1")
+    _require(e.max_len_a >= 0 and e.max_len_b >= 0, "eval.max_len_a/max_len_b", f"{e.max_len_a}/{e.max_len_b}",
+             "must not be negative")
+    _require(d.max_tokens >= 1, "data.max_tokens", d.max_tokens, "must be at least 1")
+    _require(cfg.bert.max_length >= 2, "bert.max_length", cfg.bert.max_length, "must be at least 2")
+    _require(cfg.bert.cache_budget_gb >= 0, "bert.cache_budget_gb", cfg.bert.cache_budget_gb, "must not be negative")
+    w = cfg.warm_start
+    _require(w.max_epochs >= 1, "warm_start.max_epochs", w.max_epochs, "must be at least 1")
+    _require(w.max_steps >= 0, "warm_start.max_steps", w.max_steps, "must not be negative (0 = no limit)")
+
+
+def check_device(name: str) -> None:
+    """``trainer.device`` names a device this machine has (imports torch)."""
+    import torch
+
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise _config_error(f"trainer.device={name}: CUDA is not available on this machine "
+                                "(use trainer.device=cpu or auto)")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise _config_error(f"trainer.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")

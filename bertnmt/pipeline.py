@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -23,15 +21,17 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from bertnmt import distributed  # issue 7b: torchrun; no-ops in one process
+from bertnmt import atomic, distributed  # distributed: torchrun; no-ops in one process
 from bertnmt.checkpoint import load_checkpoint, warm_start
-from bertnmt.config import Config, FreezeConfig, TrainerConfig
+from bertnmt.config import Config, FreezeConfig, TrainerConfig, check_device, check_values
 from bertnmt.data.collate import make_loader
+from bertnmt.data.corpora import corpus_fingerprint
 from bertnmt.data.features import FeatureStore, feature_cache
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
+from bertnmt.decoding import decode_split, options_from_eval
 from bertnmt.devices import pick_device
-from bertnmt.errors import BertNMTError, CheckpointError, ConfigError
+from bertnmt.errors import BertNMTError, CheckpointError, ConfigError, DataError
 from bertnmt.export import export_model
 from bertnmt.freeze import FreezePolicy, schedule_table
 from bertnmt.metrics import corpus_scores
@@ -39,7 +39,7 @@ from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder, check_tokenizer
 from bertnmt.results import append_jsonl
 from bertnmt.rundir import CONFIG, open_run_dir, release, save_config, stage_marker
-from bertnmt.training import StageResult, Trainer, load_best, translate_split
+from bertnmt.training import StageResult, Trainer, load_best
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,9 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    if not distributed.is_main():  # issue 7b: rank 0 writes the run's files
+    if not distributed.is_main():  # rank 0 writes the run's files
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)
 
 
 def make_model(cfg: Config, vocab_size: int, pad_id: int = SubwordVocab.pad_id) -> BertFusedTransformer:
@@ -138,11 +136,12 @@ def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result
     split = data.splits["test"]
     device = pick_device(cfg.trainer.device)
     start = time.perf_counter()
-    hyps = translate_split(model, data, split, cfg, device, cfg.eval.beam, enc_pad_id, features=features)
+    opts = options_from_eval(cfg.eval, precision=cfg.trainer.precision)
+    hyps = decode_split(model, split, data.vocab, opts, device, enc_pad_id, features)
     decode_s = time.perf_counter() - start
     hyp_path = run_dir / f"test.{result.stage}.hyp"
-    hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    (run_dir / "test.ref").write_text("".join(r + "\n" for r in split.tgt_text), encoding="utf-8")
+    atomic.write_text(hyp_path, "".join(h + "\n" for h in hyps))
+    atomic.write_text(run_dir / "test.ref", "".join(r + "\n" for r in split.tgt_text))
     score = corpus_scores(hyps, split.tgt_text, cfg.data.tgt_lang)
     rec = {"stage": result.stage, "split": "test", "beam": cfg.eval.beam, "lenpen": cfg.eval.lenpen,
            "hypotheses": hyp_path.name, "decode_time_s": round(decode_s, 2), **score.to_dict()}
@@ -165,6 +164,13 @@ def check_resume_inputs(cfg: Config) -> Explicit:
         if not Path(mode).is_file():
             raise ConfigError(f"trainer.resume={mode!r} is neither auto, never nor a checkpoint file")
         ckpt = load_checkpoint(mode)
+        if (ckpt.get("meta") or {}).get("averaged_from"):
+            raise CheckpointError(f"trainer.resume={mode}: an average of checkpoints holds no training state; resume from "
+                                  "one of the checkpoints it averages (or start from it with warm_start.path)")
+        lacking = [k for k in ("optimizer", "scheduler", "epoch", "step") if k not in ckpt]
+        if lacking:
+            raise CheckpointError(f"trainer.resume={mode}: the checkpoint lacks the training state ({', '.join(lacking)}); "
+                                  "resume from a checkpoint the training wrote")
         explicit = (Path(mode), str(ckpt.get("stage") or ("fused" if cfg.model.fused else "baseline")))
         del ckpt
     if cfg.warm_start.path is not None and cfg.model.fused:
@@ -220,9 +226,14 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
     cache = Path(cfg.data.cache_dir) / "baselines" / key
     ckpt, summary_path = cache / "checkpoint.pt", cache / "summary.json"
     if ckpt.is_file() and summary_path.is_file():
-        log.info("reusing the cached baseline %s (same data, vocabulary and settings)", cache)
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        return ckpt, {**summary, "reused_from": str(cache)}
+        try:
+            load_checkpoint(ckpt)
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (CheckpointError, OSError, ValueError) as e:
+            log.warning("the cached baseline %s is unreadable (%s); training it again", cache, e)
+        else:
+            log.info("reusing the cached baseline %s (same data, vocabulary and settings)", cache)
+            return ckpt, {**summary, "reused_from": str(cache)}
     log.info("training the plain Transformer baseline for the warm start (cached as %s)", cache)
     bcfg = replace(
         cfg,
@@ -231,16 +242,10 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
         trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps),
     )
     summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": asdict(bcfg.model)}, None, explicit=explicit)
-    if distributed.is_main():  # issue 7b: rank 0 fills the cache, the others wait for it
-        tmp = cache / "checkpoint.pt.tmp"
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(summary["checkpoint"], tmp)
-            os.replace(tmp, ckpt)
-            write_json(summary_path, summary)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointError(f"cannot cache the baseline in {cache} ({e.strerror or e})") from None
+    if distributed.is_main():  # rank 0 fills the cache, the others wait for it
+        atomic.remove_stale_temps(cache)
+        atomic.copy_file(summary["checkpoint"], ckpt)  # the checkpoint first: the summary marks the entry complete
+        write_json(summary_path, summary)
     distributed.barrier()
     return ckpt, summary
 
@@ -280,6 +285,8 @@ def run(cfg: Config) -> dict[str, Any]:
     Transformer row: the same epochs in all as baseline + fused stage). ``summary["final_stage"]`` names the
     stage whose test BLEU is the run's result.
     """
+    check_values(cfg)  # also checked on the command line; here for library callers
+    check_device(cfg.trainer.device)
     check_recipe(cfg)
     if cfg.model.fused and cfg.bert.trust_remote_code:
         log.warning("bert.trust_remote_code=true: Python code shipped with the encoder %r will run", cfg.bert.path)
@@ -291,13 +298,14 @@ def run(cfg: Config) -> dict[str, Any]:
         return {"name": cfg.name, "dry_run": True, "table": table}
     del policy, skeleton
     explicit = check_resume_inputs(cfg)
+    tok = encoder_tokenizer(cfg) if cfg.model.fused else None  # a tokenizer that does not fit fails before any write
     run_dir = open_run_dir(cfg) if distributed.is_main() else None  # issue 7b: rank 0 picks the run folder
     if ddp:
         run_dir = Path(distributed.broadcast(str(run_dir) if run_dir is not None else None))
         cfg.output_dir = str(run_dir)
     fresh = not (run_dir / CONFIG).is_file()
     try:
-        return _run(cfg, run_dir, explicit)
+        return _run(cfg, run_dir, explicit, tok)
     except BertNMTError:
         if fresh and distributed.is_main() and not (run_dir / "checkpoints").exists():  # no half-written outputs
             for name in (CONFIG, "meta.json", "results.jsonl"):
@@ -308,12 +316,51 @@ def run(cfg: Config) -> dict[str, Any]:
             release(run_dir)
 
 
-def _run(cfg: Config, run_dir: Path, explicit: Explicit) -> dict[str, Any]:
+def _earlier_meta(run_dir: Path) -> dict[str, Any] | None:
+    """The meta.json of the run this call resumes (one with checkpoints), or None."""
+    path = run_dir / "meta.json"
+    if not (run_dir / "checkpoints").is_dir() or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def check_same_inputs(cfg: Config, run_dir: Path, earlier: dict[str, Any]) -> None:
+    """A resumed run reads the data its checkpoints were trained on: a changed input file is a DataError naming it
+    (a new SentencePiece model of the same size would silently give most ids another meaning)."""
+    before = (earlier.get("data_report") or {}).get("inputs") or {}
+    now = corpus_fingerprint(cfg.data)
+    for name, sha in before.items():
+        if now.get(name) != sha:
+            split, _, side = name.partition(".")
+            where = (f"{cfg.data.custom[split][side]} (data.custom.{name})" if cfg.data.corpus == "custom"
+                     and split in cfg.data.custom and side in cfg.data.custom[split] else name)
+            raise DataError(f"{where} changed since the run in {run_dir} started (sha256 {sha[:12]} then, "
+                            f"{str(now.get(name))[:12]} now); its checkpoints belong to the old data: restore the file, "
+                            "or start afresh with trainer.resume=never")
+
+
+def encoder_tokenizer(cfg: Config) -> EncoderTokenizer:
+    """The pretrained encoder's tokenizer, checked against the encoder (ids in its table, a real vocabulary)."""
+    tok = EncoderTokenizer(cfg.bert.path, cfg.bert.max_length, cfg.bert.trust_remote_code)
+    check_tokenizer(cfg.bert, len(tok), tok.pad_id)  # a tokenizer of another encoder, or none, is a ConfigError
+    return tok
+
+
+def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer | None) -> dict[str, Any]:
+    earlier = _earlier_meta(run_dir) if explicit is None else None
+    if earlier is not None:
+        check_same_inputs(cfg, run_dir, earlier)
     if distributed.is_main():  # issue 7b
         save_config(cfg, run_dir)
     start = time.perf_counter()
     with distributed.main_first():  # issue 7b: rank 0 prepares the data cache, the others read it
         data = prepare_data(cfg.data)
+    if earlier is not None and earlier.get("vocab_sha256") not in (None, data.vocab.sha256):
+        raise DataError(f"{data.vocab.path}: the SentencePiece vocabulary differs from the one the checkpoints in "
+                        f"{run_dir} were trained with; start afresh with trainer.resume=never")
     enc_pad_id = None
     meta: dict[str, Any] = {
         "git_sha": git_sha(), "command": " ".join(sys.argv), "torch": str(torch.__version__),
@@ -322,9 +369,7 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit) -> dict[str, Any]:
         # issue 7: checkpoints carry their config and vocabulary, so evaluate/translate/export need no run dir
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "vocab_path": str(data.vocab.path.resolve()),
     }
-    if cfg.model.fused:
-        tok = EncoderTokenizer(cfg.bert.path, cfg.bert.max_length, cfg.bert.trust_remote_code)
-        check_tokenizer(cfg.bert, len(tok), tok.pad_id)  # issue 7: a tokenizer of another encoder is a ConfigError
+    if tok is not None:
         with distributed.main_first():  # issue 7b
             add_encoder_view(data, tok)
         enc_pad_id = tok.pad_id

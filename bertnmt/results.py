@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
+
+from bertnmt.atomic import write_error, write_text
 
 log = logging.getLogger(__name__)
 
@@ -14,10 +15,13 @@ log = logging.getLogger(__name__)
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     from bertnmt import distributed
 
-    if not distributed.is_main():  # issue 7b: rank 0 writes the run's files
+    if not distributed.is_main():  # rank 0 writes the run's files
         return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:  # one line appended: a kill cuts at most that line
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -47,7 +51,5 @@ def keep_until(path: Path, stage: str, completed: int) -> list[dict[str, Any]]:
     records = _parse(path, lines)
     kept = [r for r in records if r.get("stage") != stage or ("epoch" in r and r["epoch"] <= completed)]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     return [r for r in kept if r.get("stage") == stage]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +29,16 @@ from bertnmt.checkpoint import (BEST, LAST, latest_checkpoint, link_checkpoint, 
 from bertnmt.config import Config
 from bertnmt.data.collate import Batch, make_loader
 from bertnmt.data.features import FeatureStore
-from bertnmt.data.prepare import PreparedData, Split
+from bertnmt.data.prepare import PreparedData
+from bertnmt.decoding import decode_split, options_from_eval
 from bertnmt.devices import autocast, peak_memory_mb, pick_device
-from bertnmt.errors import CheckpointError, TrainingInterrupted
+from bertnmt.errors import CheckpointError, ConfigError, TrainingInterrupted
 from bertnmt.faults import StopSignal, UpdateGuard
 from bertnmt.freeze import FreezePolicy
 from bertnmt.metrics import corpus_scores
 from bertnmt.model.fusion import seed_drop_net, set_drop_net_on_device
 from bertnmt.optim import load_optimizer_state, make_optimizer, optimizer_state
 from bertnmt.results import append_jsonl, keep_until
-from bertnmt.search import beam_search, greedy_search
 
 log = logging.getLogger(__name__)
 
@@ -112,50 +112,6 @@ class EpochPosition:
     elapsed_s: float = 0.0  # training time of this epoch so far
 
 
-def head(split: Split, n: int) -> Split:
-    """The first ``n`` sentences of a split."""
-    if n >= len(split.src_ids):
-        return split
-    enc = split.enc_ids[:n] if split.enc_ids is not None else None
-    return replace(split, src_text=split.src_text[:n], tgt_text=split.tgt_text[:n],
-                   src_ids=split.src_ids[:n], tgt_ids=split.tgt_ids[:n], enc_ids=enc)
-
-
-def translate_split(model: nn.Module, data: PreparedData, split: Split, cfg: Config, device: torch.device,
-                    beam: int, enc_pad_id: int | None, limit: int = 0,
-                    features: FeatureStore | None = None) -> list[str]:
-    """Decode a split (greedy when beam == 1) and return detokenised hypotheses in corpus order.
-
-    ``features``: the split's cached H_B (only valid while the encoder has never trained)."""
-    model.eval()
-    sub = head(split, limit) if limit else split
-    n = len(sub.src_ids)
-    loader = make_loader(sub, max_tokens=cfg.data.max_tokens, seed=0, shuffle=False, enc_pad_id=enc_pad_id,
-                         features=features)
-    hyps: list[str] = [""] * n
-    ev = cfg.eval
-    with torch.inference_mode(), autocast(device, cfg.trainer.precision):
-        for batch in loader:
-            batch = batch.to(device)
-            for i in range(0, batch.src.size(0), ev.batch_sents):
-                sl = slice(i, i + ev.batch_sents)
-                enc_ids = batch.enc_ids[sl] if batch.enc_ids is not None else None
-                enc_mask = batch.enc_mask[sl] if batch.enc_mask is not None else None
-                feats = None
-                if batch.bert_feats is not None:
-                    feats = (batch.bert_feats[sl].float(), enc_mask.eq(0))  # cached (H_B, pad mask)
-                if beam == 1:
-                    outs = greedy_search(model, batch.src[sl], enc_ids, enc_mask, ev.max_len_a, ev.max_len_b,
-                                         bert_out=feats)
-                else:
-                    nbest = beam_search(model, batch.src[sl], enc_ids, enc_mask, beam, ev.lenpen, ev.max_len_a,
-                                        ev.max_len_b, bert_out=feats)
-                    outs = [h[0][0] for h in nbest]
-                for idx, ids in zip(batch.indices[sl].tolist(), outs):
-                    hyps[idx] = data.vocab.decode(ids)
-    return hyps
-
-
 class Trainer:
     """Trains one stage (``baseline`` or ``fused``) of the recipe in ``run_dir``.
 
@@ -172,6 +128,8 @@ class Trainer:
         self.run_dir, self.stage, self.meta = Path(run_dir), stage, meta
         self.device = pick_device(cfg.trainer.device)
         autocast(self.device, cfg.trainer.precision)  # a bad trainer.precision fails here, before any work
+        if cfg.trainer.valid_bleu_every < 1:
+            raise ConfigError(f"trainer.valid_bleu_every={cfg.trainer.valid_bleu_every} must be at least 1")
         self.model.to(self.device)
         # the training forward; the same module (same parameters) when compiled, so state dicts are unchanged.
         # Compiled as one graph: drop-net is then drawn on the device (no data-dependent branch)
@@ -224,6 +182,11 @@ class Trainer:
             ckpt = load_checkpoint(path)
         if ckpt.get("stage", self.stage) != self.stage:
             raise CheckpointError(f"checkpoint {path} belongs to the {ckpt['stage']!r} stage, not {self.stage!r}")
+        theirs, ours = (ckpt.get("meta") or {}).get("vocab_sha256"), self.data.vocab.sha256
+        if theirs and theirs != ours:
+            raise CheckpointError(f"checkpoint {path} was trained with another vocabulary (SentencePiece sha256 "
+                                  f"{theirs[:12]} vs {ours[:12]} of {self.data.vocab.path}): the data changed; restore "
+                                  "it, or start afresh with trainer.resume=never")
         load_model_weights(self.model, ckpt["model"], str(path))
         load_optimizer_state(self.optimizer, ckpt["optimizer"], str(path))
         self._load_scheduler(ckpt["scheduler"])
@@ -407,7 +370,9 @@ class Trainer:
                 "skipped_nonfinite": self.guard.nonfinite, "skipped_oom": self.guard.oom}
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
+    def validate(self, bleu: bool | None = None) -> dict[str, float]:
+        """Validation loss and perplexity; with ``bleu`` (default: ``trainer.valid_bleu``), greedy BLEU on the
+        first ``trainer.valid_max_sents`` sentences, their number as ``valid_bleu_sents``."""
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss, NLL), read once at the end
         ntok = 0
@@ -418,13 +383,14 @@ class Trainer:
             ntok += batch.ntokens
         loss_sum, nll_sum = sums.tolist()
         out = {"valid_loss": loss_sum / ntok, "valid_nll": nll_sum / ntok, "valid_ppl": math.exp(min(nll_sum / ntok, 50))}
-        if self.cfg.trainer.valid_bleu:
+        if self.cfg.trainer.valid_bleu if bleu is None else bleu:
             split = self.data.splits["valid"]
-            limit = self.cfg.trainer.valid_max_sents
-            hyps = translate_split(self.model, self.data, split, self.cfg, self.device, 1, self.enc_pad_id, limit,
-                                   features=self.features.get("valid"))
+            opts = options_from_eval(self.cfg.eval, beam=1, precision=self.cfg.trainer.precision)
+            hyps = decode_split(self.model, split, self.data.vocab, opts, self.device, self.enc_pad_id,
+                                self.features.get("valid"), limit=self.cfg.trainer.valid_max_sents)
             score = corpus_scores(hyps, split.tgt_text[: len(hyps)], self.cfg.data.tgt_lang)
             out["valid_bleu"] = score.bleu
+            out["valid_bleu_sents"] = len(hyps)  # the subset the figure is computed on
         return out
 
     # -- the stage ---------------------------------------------------------------------------
@@ -464,17 +430,26 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         tr = self.train_epoch(epoch)
-        va = self.validate()
+        va = self.validate(bleu=self._bleu_due(epoch))
         rec = {"stage": self.stage, "epoch": epoch, "step": self.step, **tr, **va,
                "lr": self.scheduler.get_last_lr()[0], "peak_mem_mb": round(peak_memory_mb(self.device), 1),
                **self.policy.report(self.model)}
         result.epochs.append(rec)
         self._record(rec)
         self._log_epoch(rec)
-        metric = va.get("valid_bleu", -va["valid_loss"])
-        improved = metric > self.best
-        self.best = max(self.best, metric)
+        # with valid BLEU on, only the epochs that computed it compete for the best checkpoint
+        metric = va.get("valid_bleu", math.nan) if self.cfg.trainer.valid_bleu else -va["valid_loss"]
+        improved = metric > self.best  # False for nan
+        self.best = max(self.best, metric) if improved else self.best
         self._save(epoch, EpochPosition(epoch_done=True), metric, best=improved)
+
+    def _bleu_due(self, epoch: int) -> bool:
+        """Valid BLEU after this epoch: every ``trainer.valid_bleu_every`` epochs and after the stage's last."""
+        t = self.cfg.trainer
+        if not t.valid_bleu:
+            return False
+        last = epoch >= t.max_epochs or bool(t.max_steps and self.step >= t.max_steps)
+        return last or epoch % t.valid_bleu_every == 0
 
     def _save(self, epoch: int, pos: EpochPosition, metric: float = math.nan, best: bool = False) -> Path:
         """The one place that writes checkpoints: a step checkpoint (+ ``checkpoint_last.pt``, rotation),
@@ -512,7 +487,8 @@ class Trainer:
         }
 
     def _log_epoch(self, rec: dict[str, Any]) -> None:
-        bleu = f" valid BLEU {rec['valid_bleu']:.2f} |" if "valid_bleu" in rec else ""
+        bleu = (f" valid BLEU {rec['valid_bleu']:.2f} ({rec['valid_bleu_sents']} sentences) |"
+                if "valid_bleu" in rec else "")
         skipped = (f" | skipped: {rec['skipped_nonfinite']} non-finite, {rec['skipped_oom']} out of memory"
                    if rec["skipped_nonfinite"] or rec["skipped_oom"] else "")
         log.info(

@@ -2,7 +2,8 @@
 
 A :class:`Translator` holds what decoding needs: the model, the joint SentencePiece vocabulary,
 the pretrained encoder's tokenizer (fused models) and the run's typed config (decoding settings
-in ``cfg.eval``, the token budget in ``cfg.data.max_tokens``). ``bertnmt.load_model(path)``
+in ``cfg.eval``). Decoding goes through :func:`bertnmt.decoding.decode_corpus`, the loop that training
+uses too. ``bertnmt.load_model(path)``
 builds one from an exported folder or a checkpoint. Sentences go through the same steps as the
 prepared corpus (NFC + strip, SentencePiece, the encoder's tokenizer), so a split decoded here
 gives the hypotheses that the training pipeline reports.
@@ -10,22 +11,19 @@ gives the hypotheses that the training pipeline reports.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from bertnmt.config import Config
-from bertnmt.data.collate import make_loader
 from bertnmt.data.corpora import normalise
-from bertnmt.data.prepare import PreparedData, Split
+from bertnmt.data.prepare import Split
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
-from bertnmt.devices import autocast, pick_device
+from bertnmt.decoding import DecodeOptions, decode_corpus, decode_split, options_from_eval
+from bertnmt.devices import pick_device
 from bertnmt.errors import ConfigError
 from bertnmt.model.nmt import BertFusedTransformer
-from bertnmt.search import beam_search, greedy_search
-from bertnmt.training import translate_split
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,6 @@ class Translator:
         self.cfg, self.vocab, self.tokenizer, self.source = cfg, vocab, tokenizer, source
         self.device = pick_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
-        self._data = PreparedData(key="", dir=Path("."), vocab=vocab, splits={}, report={})  # for translate_split
 
     def __repr__(self) -> str:
         enc = self.cfg.bert.path if self.model.bert is not None else "none"
@@ -70,8 +67,12 @@ class Translator:
         empty = [np.zeros(0, dtype=np.int32)] * len(texts)
         return Split("input", texts, [""] * len(texts), src_ids, empty, enc_ids)
 
-    def _cfg(self, lenpen: float | None) -> Config:
-        return self.cfg if lenpen is None else replace(self.cfg, eval=replace(self.cfg.eval, lenpen=lenpen))
+    def options(self, beam: int | None = None, lenpen: float | None = None, nbest: int = 1) -> DecodeOptions:
+        """The run's ``eval`` decoding settings, with ``beam`` / ``lenpen`` / ``nbest`` overridden where given."""
+        beam = self.check_beam(beam, nbest)
+        lenpen = self.cfg.eval.lenpen if lenpen is None else lenpen
+        return options_from_eval(self.cfg.eval, beam=beam, lenpen=lenpen, nbest=nbest,
+                                 precision=self.cfg.trainer.precision)
 
     def check_beam(self, beam: int | None, nbest: int = 1) -> int:
         """The beam size to use (the run's eval.beam when None); ConfigError for a bad beam or nbest."""
@@ -84,10 +85,10 @@ class Translator:
 
     def translate_split(self, split: Split, beam: int | None = None, lenpen: float | None = None) -> list[str]:
         """The best translation of every sentence of an encoded split (greedy when beam == 1)."""
-        beam = self.check_beam(beam)
+        opts = self.options(beam, lenpen)
         if len(split) == 0:
             return []
-        return translate_split(self.model, self._data, split, self._cfg(lenpen), self.device, beam, self.enc_pad_id)
+        return decode_split(self.model, split, self.vocab, opts, self.device, self.enc_pad_id)
 
     def translate(self, sentences: list[str], beam: int | None = None, nbest: int = 1,
                   lenpen: float | None = None) -> list[str] | list[list[str]]:
@@ -105,31 +106,16 @@ class Translator:
     def translate_nbest(self, sentences: list[str], beam: int | None = None, nbest: int = 1,
                         lenpen: float | None = None) -> list[list[Hypothesis]]:
         """The ``nbest`` best hypotheses of every sentence, with their beam scores, best first."""
-        beam = self.check_beam(beam, nbest)
+        opts = self.options(beam, lenpen, nbest)
         split = self.encode(sentences)
         keep = [i for i, t in enumerate(split.src_text) if t]
         out: list[list[Hypothesis]] = [[Hypothesis("", None, [])] for _ in sentences]
         if not keep:
             return out
         sub = _subset(split, keep)
-        ev = self._cfg(lenpen).eval
-        loader = make_loader(sub, self.cfg.data.max_tokens, seed=0, shuffle=False, enc_pad_id=self.enc_pad_id)
-        self.model.eval()
-        with torch.inference_mode(), autocast(self.device):
-            for batch in loader:
-                batch = batch.to(self.device)
-                for i in range(0, batch.src.size(0), ev.batch_sents):
-                    sl = slice(i, i + ev.batch_sents)
-                    enc_ids = batch.enc_ids[sl] if batch.enc_ids is not None else None
-                    enc_mask = batch.enc_mask[sl] if batch.enc_mask is not None else None
-                    if beam == 1:
-                        found = [[(ids, None)] for ids in greedy_search(
-                            self.model, batch.src[sl], enc_ids, enc_mask, ev.max_len_a, ev.max_len_b)]
-                    else:
-                        found = beam_search(self.model, batch.src[sl], enc_ids, enc_mask, beam=beam, lenpen=ev.lenpen,
-                                            max_len_a=ev.max_len_a, max_len_b=ev.max_len_b, nbest=nbest)
-                    for idx, hyps in zip(batch.indices[sl].tolist(), found):
-                        out[keep[idx]] = [Hypothesis(self.vocab.decode(ids), score, list(ids)) for ids, score in hyps]
+        found = decode_corpus(self.model, sub.src_ids, sub.enc_ids, opts, self.device, self.enc_pad_id)
+        for i, hyps in zip(keep, found):
+            out[i] = [Hypothesis(self.vocab.decode(ids), score, list(ids)) for ids, score in hyps]
         return out
 
 

@@ -24,9 +24,11 @@ register_configs()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     from bertnmt.pipeline import run  # torch and the model load only after the command line was checked
+    from bertnmt.rundir import join
 
     cfg = to_config(dcfg)
     cfg.output_dir = HydraConfig.get().runtime.output_dir
+    join(Path(cfg.output_dir))  # another process that resumes elsewhere will not remove this folder
     code = exit_code(lambda: run(cfg))
     if code:
         raise SystemExit(code)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import random
+import shutil
+import subprocess
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -42,10 +45,14 @@ def write_corpus(root: Path, n: int = 20) -> dict[str, Path]:
 
 
 class Case:
-    """One bad input: ``setup(tmp, files, bert)`` changes files and returns extra overrides and the expected message."""
+    """One bad input: ``setup(tmp, files, bert)`` changes files and returns extra overrides and the expected message.
 
-    def __init__(self, setup: Callable[[Path, Files, str], Result], plain: bool = True) -> None:
-        self.setup, self.plain = setup, plain
+    ``after(tmp, files)`` checks what the refused run must have left alone; ``slow`` rows train a model first.
+    """
+
+    def __init__(self, setup: Callable[[Path, Files, str], Result], plain: bool = True,
+                 after: Callable[[Path, Files], None] | None = None, slow: bool = False) -> None:
+        self.setup, self.plain, self.after, self.slow = setup, plain, after, slow
 
 
 def save_plain(path: Path, d_model: int = 32, vocab: int = 60, sha: str | None = None) -> Path:
@@ -84,8 +91,7 @@ def encoder_offline(tmp: Path, files: Files, bert: str) -> Result:
 
 
 def unknown_key(tmp: Path, files: Files, bert: str) -> Result:
-    return ["model.d_modle=64"], ("error: Could not override 'model.d_modle'; To append to your config use "
-                                  "+model.d_modle=64; Key 'd_modle' not in 'ModelConfig'")
+    return ["model.d_modle=64"], "error: model.d_modle=64: model has no key 'd_modle'; did you mean model.d_model?"
 
 
 def unknown_option(tmp: Path, files: Files, bert: str) -> Result:
@@ -153,6 +159,80 @@ def mirror_checksum(tmp: Path, files: Files, bert: str) -> Result:
         f"error: {bad}: sha256 mismatch, expected {expected}, got {actual}"
 
 
+def no_tokenizer_files(tmp: Path, files: Files, bert: str) -> Result:
+    folder = tmp / "weights_only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):  # the weights, none of the tokenizer's files
+        shutil.copy(Path(bert) / name, folder / name)
+    return [f"bert.path={folder}"], (f"error: bert.path='{folder}': its tokenizer has only 5 tokens but the encoder's "
+                                     "embedding table has 30522 rows; its tokenizer files")
+
+
+def plus_typo(tmp: Path, files: Files, bert: str) -> Result:
+    return ["+trainer.max_epoch=5"], "error: +trainer.max_epoch=5: trainer has no key 'max_epoch'; did you mean trainer.max_epochs?"
+
+
+def plus_unknown(tmp: Path, files: Files, bert: str) -> Result:
+    return ["+foo=1"], "error: +foo=1: the config has no key 'foo'"
+
+
+def value(key: str, val: str, message: str) -> Callable[[Path, Files, str], Result]:
+    return lambda tmp, files, bert: ([f"{key}={val}"], f"error: {message}")
+
+
+def cuda_missing(tmp: Path, files: Files, bert: str) -> Result:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return ["trainer.device=cuda"], "error: trainer.device=cuda: CUDA is not available on this machine"
+
+
+def read_only_cache(tmp: Path, files: Files, bert: str) -> Result:
+    cache = tmp / "ro_cache"
+    cache.mkdir()
+    if os.geteuid() != 0:
+        cache.chmod(0o555)
+    elif subprocess.run(["mount", "--bind", "-o", "ro", str(cache), str(cache)], capture_output=True).returncode == 0:
+        CLEANUP.append(lambda: subprocess.run(["umount", str(cache)], capture_output=True))
+    else:
+        pytest.skip("root can write into a read-only folder, and cannot mount one read-only here")
+    return [f"data.cache_dir={cache}"], \
+        f"error: data.cache_dir={cache}: cannot create the output folder, {cache} is not writable"
+
+
+def averaged_resume(tmp: Path, files: Files, bert: str) -> Result:
+    path = tmp / "averaged.pt"
+    cfg = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, fused=False)
+    weights = model_weights(BertFusedTransformer(cfg, 60, 0, None), include_bert=False)
+    save_checkpoint(path, {"model": weights, "stage": "baseline", "epoch": 1, "step": 4,
+                           "meta": {"averaged_from": ["a.pt", "b.pt"]}})
+    return [f"trainer.resume={path}"], \
+        f"error: trainer.resume={path}: an average of checkpoints holds no training state"
+
+
+def data_edited_before_resume(tmp: Path, files: Files, bert: str) -> Result:
+    """A run with checkpoints but no summary (a crash), a training line edited, the same command again."""
+    args = overridden(base_args(tmp, files, bert, plain=True), [f"hydra.run.dir={tmp}/first"])
+    first = run_train(args, BERTNMT_MIRROR="")
+    assert first.returncode == 0, first.stderr
+    (tmp / "first" / "summary.json").unlink()
+    EARLIER["meta"] = (tmp / "first" / "meta.json").read_bytes()
+    lines = files["train.src"].read_text().splitlines()
+    lines[5] = "the big red tree sees a small green car"
+    files["train.src"].write_text("".join(line + "\n" for line in lines))
+    return [], f"error: {files['train.src']} (data.custom.train.src) changed since the run in {tmp}/first started"
+
+
+def earlier_run_intact(tmp: Path, files: Files) -> None:
+    first = tmp / "first"
+    assert (first / "meta.json").read_bytes() == EARLIER["meta"]  # not overwritten with the new data's
+    assert (first / "checkpoints" / "baseline" / "checkpoint_last.pt").is_file()
+    assert (first / "train.log").is_file() and (first / ".hydra").is_dir() and not (first / ".lock").exists()
+
+
+EARLIER: dict[str, bytes] = {}
+CLEANUP: list[Callable[[], object]] = []
+
+
 CASES = {
     "missing data file": Case(missing_file),
     "line counts differ": Case(line_counts),
@@ -171,7 +251,27 @@ CASES = {
     "unknown trainer.resume": Case(bad_resume_value),
     "output folder not writable": Case(unwritable_output),
     "mirror file with another checksum": Case(mirror_checksum),
+    "encoder folder without tokenizer files": Case(no_tokenizer_files, plain=False),
+    "+key misspelt": Case(plus_typo),
+    "+key outside the schema": Case(plus_unknown),
+    "heads not dividing d_model": Case(value("model.heads", "3", "model.heads=3 must divide model.d_model=32")),
+    "zero d_model": Case(value("model.d_model", "0", "model.d_model=0 must be at least 1")),
+    "negative learning rate": Case(value("optim.lr", "-1", "optim.lr=-1.0 must be positive")),
+    "beam of zero": Case(value("eval.beam", "0", "eval.beam=0 must be at least 1")),
+    "zero epochs": Case(value("trainer.max_epochs", "0", "trainer.max_epochs=0 must be at least 1")),
+    "zero accumulation steps": Case(value("trainer.accum_steps", "0", "trainer.accum_steps=0 must be at least 1")),
+    "CUDA device without CUDA": Case(cuda_missing),
+    "read-only data cache": Case(read_only_cache),
+    "resume from an averaged checkpoint": Case(averaged_resume),
+    "data edited before a resume": Case(data_edited_before_resume, after=earlier_run_intact, slow=True),
 }
+
+
+@pytest.fixture(autouse=True)
+def cleanup() -> Iterator[None]:
+    yield
+    while CLEANUP:
+        CLEANUP.pop()()
 
 
 def base_args(tmp: Path, files: dict[str, Path], bert: str, plain: bool) -> list[str]:
@@ -188,7 +288,7 @@ def overridden(base: list[str], extra: list[str]) -> list[str]:
     return [a for a in base if not drop(a)] + extra
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if c.slow else []) for n, c in CASES.items()])
 def test_bad_input_is_one_clear_line(name: str, tmp_path: Path, bert: str) -> None:
     case = CASES[name]
     files = write_corpus(tmp_path)
@@ -203,6 +303,8 @@ def test_bad_input_is_one_clear_line(name: str, tmp_path: Path, bert: str) -> No
     assert set(left) <= {".hydra", "train.log"}, left  # no config, meta, results, checkpoints or summary
     cache = tmp_path / "cache"
     assert not cache.exists() or not [p for p in cache.rglob("*") if p.name.startswith(".tmp")]  # no half-prepared data
+    if case.after is not None:
+        case.after(tmp_path, files)
 
 
 def empty_lines(tmp: Path, files: dict[str, Path]) -> tuple[list[str], Callable[[dict], None]]:
@@ -212,7 +314,7 @@ def empty_lines(tmp: Path, files: dict[str, Path]) -> tuple[list[str], Callable[
     for side, lines in (("src", src), ("tgt", tgt)):
         files[f"train.{side}"].write_text("".join(line + "\n" for line in lines))
 
-    def check(report: dict) -> None:
+    def check(report: dict, tmp: Path) -> None:
         assert report["dropped_empty"] == {"train": 3, "valid": 0, "test": 0}
         assert report["pairs"]["train"] == 17
 
@@ -224,22 +326,53 @@ def long_sentences(tmp: Path, files: dict[str, Path]) -> tuple[list[str], Callab
     lines[1] = lines[3] = " ".join(["tree"] * 30)
     files["train.src"].write_text("".join(line + "\n" for line in lines))
 
-    def check(report: dict) -> None:
+    def check(report: dict, tmp: Path) -> None:
         assert report["encoder_truncated"] == {"train": 2, "valid": 0, "test": 0}  # [CLS] + 30 words + [SEP] > 16
 
     return ["bert.max_length=16"], check
+
+
+def beyond_positions(tmp: Path, files: dict[str, Path]) -> tuple[list[str], Callable[[dict, Path], None]]:
+    """The tiny encoder has 128 positions, its (MiniLM) tokenizer a max length of 512: a longer line is cut to 128."""
+    for split in ("valid", "test"):
+        lines = files[f"{split}.src"].read_text().splitlines()
+        lines[2] = " ".join(["tree"] * 200)
+        files[f"{split}.src"].write_text("".join(line + "\n" for line in lines))
+
+    def check(report: dict, tmp: Path) -> None:
+        assert report["encoder_truncated"] == {"train": 0, "valid": 1, "test": 1}
+
+    return ["eval.test=true", "eval.beam=2"], check
+
+
+def stale_temp_folders(tmp: Path, files: dict[str, Path]) -> tuple[list[str], Callable[[dict, Path], None]]:
+    """Temp folders of a cache build killed earlier (its process is gone) are removed by the next build."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp / "cache" / f".tmp-custom-en-de-0123456789ab.{gone.pid}.0badc0de"
+    stale.mkdir(parents=True)
+    (stale / "train.src.ids.npy").write_bytes(b"half")
+
+    def check(report: dict, tmp: Path) -> None:
+        assert not stale.exists()
+
+    return [], check
 
 
 @pytest.mark.parametrize("name, setup, warning", [
     ("empty lines are dropped and counted", empty_lines, None),
     ("long sentences are truncated and counted", long_sentences,
      "2 source sentences were truncated to the encoder's max_length=16"),
+    ("lines beyond the encoder's positions are truncated and counted", beyond_positions,
+     "2 source sentences were truncated to the encoder's max_length=128"),
+    ("temp folders of killed cache builds are removed", stale_temp_folders, None),
 ])
 def test_tolerated_input_is_counted(name: str, setup: Callable, warning: str | None, tmp_path: Path, bert: str) -> None:
     files = write_corpus(tmp_path)
     extra, check = setup(tmp_path, files)
     out = run_train(overridden(base_args(tmp_path, files, bert, plain=False), extra), BERTNMT_MIRROR="")
     assert out.returncode == 0, out.stderr
-    check(json.loads((tmp_path / "run" / "meta.json").read_text())["data_report"])
+    report = json.loads((tmp_path / "run" / "meta.json").read_text())["data_report"]
+    check(report, tmp_path)
     warnings = [line for line in out.stdout.splitlines() if "[WARNING]" in line]
-    assert [w.split(" - ", 1)[1] for w in warnings] == ([warning + " ({'train': 2, 'valid': 0, 'test': 0})"] if warning else [])
+    assert [w.split(" - ", 1)[1] for w in warnings] == ([f"{warning} ({report['encoder_truncated']})"] if warning else [])

@@ -34,7 +34,8 @@ def test_encoder_not_available_offline(tmp_path: Path, mirror: Path) -> None:
 def test_unknown_key(tmp_path: Path, mirror: Path) -> None:
     out = train(["model.d_modle=3"], tmp_path, mirror)
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "Key 'd_modle' not in 'ModelConfig'" in out.stderr
+    assert out.stderr == "error: model.d_modle=3: model has no key 'd_modle'; did you mean model.d_model?\n"
+    assert "+model" not in out.stderr  # no advice to add the misspelt key with +
 
 
 @pytest.mark.parametrize("policy", ["thaw"])

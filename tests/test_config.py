@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from bertnmt.config import Config, register_configs, to_config
+from bertnmt.config import Config, check_values, register_configs, to_config
+from bertnmt.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
@@ -73,3 +74,26 @@ def test_freeze_experiments_select_their_preset(exp: str, policy: str) -> None:
     cfg = compose_cfg([f"+exp={exp}"])
     assert cfg.freeze.policy == policy and cfg.model.fused and cfg.warm_start.auto
     assert compose_cfg([f"+exp={exp}", "freeze.unit=step"]).freeze.unit == "step"
+
+
+@pytest.mark.parametrize("exp", sorted(p.stem for p in (CONF / "exp" / "ablation").glob("*.yaml")))
+def test_every_ablation_row_passes_the_value_checks(exp: str) -> None:
+    check_values(compose_cfg([f"+exp=ablation/{exp}"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+trainer.max_epoch=5", "+trainer.max_epoch=5: trainer has no key 'max_epoch'; did you mean trainer.max_epochs?"),
+    ("++model.fuse=1", "++model.fuse=1: model has no key 'fuse'; did you mean model.fused?"),
+    ("+bert.path.x=1", "+bert.path.x=1: bert.path has no key 'x'"),  # a leaf has no keys
+    ("+data.custom.train.src=a.en", None),  # below a free-form dict: any key
+    ("+exp=frozen_bert", None),  # a group
+])
+def test_added_keys_must_be_in_the_schema(override: str, message: str | None) -> None:
+    from bertnmt.cli import check_keys
+
+    if message is None:
+        check_keys(CONF, [override])
+    else:
+        with pytest.raises(ConfigError) as err:
+            check_keys(CONF, [override])
+        assert str(err.value) == message

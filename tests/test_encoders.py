@@ -139,3 +139,19 @@ def test_family_trains_through_the_pipeline(family: str, encoders: dict[str, str
     hangul = lambda text: any("\uac00" <= c <= "\ud7a3" for c in text)  # noqa: E731
     if korean_src:  # Korean -> English, as KoBERT users translate (the joint vocabulary has both scripts)
         assert all(hangul(s) for s in sources) and not any(hangul(r) for r in refs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_max_length_never_exceeds_the_encoders_positions(family: str, encoders: dict[str, str]) -> None:
+    from bertnmt.data.tokenize import encoder_positions
+
+    positions = encoder_positions(encoders[family])
+    # RoBERTa-style position ids start after the padding id: 130 rows hold 128 positions
+    assert positions == {"roberta": 128, "xlmr": 128, "kobert": 512}.get(family, 130)
+    tok = EncoderTokenizer(encoders[family], max_length=100_000)
+    assert tok.max_length <= positions
+    ids, cut = tok.encode_batch(["the house " * 300])
+    assert cut == 1 and len(ids[0]) == tok.max_length
+    encoder = PretrainedEncoder(BertConfig(path=encoders[family])).eval()
+    out = encoder(torch.tensor(ids), torch.ones(1, len(ids[0]), dtype=torch.long))  # no index past the table
+    assert out.shape == (1, len(ids[0]), 32)

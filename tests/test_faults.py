@@ -202,7 +202,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: 
     real_save = torch.save
 
     def full(obj: object, f: object, *args: object, **kwargs: object) -> None:
-        f.write(b"PK\x03\x04 half a checkpoint")  # type: ignore[attr-defined]
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")  # type: ignore[arg-type]  # torch.save gets the temp path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
@@ -283,3 +283,34 @@ def test_exit_code_for_a_full_disk_outside_checkpoints(capsys: pytest.CaptureFix
     assert exit_code(full) == 2
     assert capsys.readouterr().err == ("error: no space left on device while writing runs/x/results.jsonl; "
                                        "free some space and rerun the same command to resume\n")
+
+
+def test_a_damaged_cached_baseline_is_trained_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from bertnmt import pipeline
+    from bertnmt.checkpoint import model_weights
+
+    trained: list[Path] = []
+
+    def train_stage(cfg: Config, data: object, run_dir: Path, stage: str, *args: object, **kw: object) -> dict:
+        path = run_dir / f"baseline{len(trained)}.pt"
+        model = BertFusedTransformer(ModelConfig(d_model=16, ffn_dim=32, heads=2, enc_layers=1, dec_layers=1,
+                                                 fused=False), 30, 0, None)
+        save_checkpoint(path, {"model": model_weights(model, include_bert=False), "stage": stage})
+        trained.append(path)
+        return {"checkpoint": str(path), "test_bleu": 1.0}
+
+    monkeypatch.setattr(pipeline, "train_stage", train_stage)
+    cfg = Config(data=DataConfig(cache_dir=str(tmp_path / "cache")))
+    data = SimpleNamespace(key="k", vocab=SimpleNamespace(sha256="v" * 64))
+    ckpt, summary = pipeline.ensure_baseline(cfg, data, tmp_path, {})
+    assert len(trained) == 1 and ckpt.read_bytes() == trained[0].read_bytes()
+    assert "reused_from" in pipeline.ensure_baseline(cfg, data, tmp_path, {})[1] and len(trained) == 1  # reused
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a kill or a full disk cut it short
+    caplog.set_level(logging.WARNING, logger="bertnmt.pipeline")
+    again, summary = pipeline.ensure_baseline(cfg, data, tmp_path, {})
+    assert len(trained) == 2 and "reused_from" not in summary  # trained again, not loaded
+    assert f"the cached baseline {ckpt.parent} is unreadable" in caplog.text and "training it again" in caplog.text
+    assert load_checkpoint(again)["stage"] == "baseline"

@@ -202,3 +202,40 @@ def test_cache_is_never_served_once_the_encoder_trains(bert_path: str, tmp_path:
     trainer.fit()
     assert len(live_at) == len(trainer.train_loader) >= 3
     assert live_at == [(step, step >= 2) for step in range(len(live_at))]
+
+
+def test_a_damaged_cache_file_of_the_same_size_is_rebuilt_not_served(bert_path: str, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="bertnmt.data.features")
+    model = fused_model(bert_path)
+    data = fake_data(tmp_path)
+    policy = frozen_policy(model)
+    good = np.array(build_cache(model, data, policy)["train"].values)
+    folder = next(tmp_path.glob("features-*"))
+    path = folder / "train.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-64:] = bytes(64)  # zeros over the last rows' values: same size, a valid .npy header
+    path.write_bytes(bytes(raw))
+    calls = CountCalls(model.bert)
+    again = build_cache(model, data, policy)
+    assert "train.npy fails its sha256 checksum" in caplog.text and calls.n > 0  # detected, then computed again
+    assert np.array_equal(np.asarray(again["train"].values), good)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []  # the damaged copy is gone
+
+
+def test_a_full_disk_while_building_is_one_line_and_leaves_nothing(bert_path: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from bertnmt.data import features
+    from bertnmt.errors import OutputError
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(features.os, "posix_fallocate", no_space)  # reserved before any write to the memory map
+    model = fused_model(bert_path)
+    data = fake_data(tmp_path)
+    with pytest.raises(OutputError, match=f"no space left on device while writing {tmp_path}/features-"):
+        build_cache(model, data, frozen_policy(model))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", "features-"))]

@@ -55,7 +55,7 @@ def test_training_flops_floors_are_ordered() -> None:
 
 def test_beam_decode_flops_match_torch(tmp_path: Path) -> None:
     from bertnmt.flops import beam_decode_flops
-    from bertnmt.search import beam_search
+    from bertnmt.search import DecodeOptions, beam_search
 
     bert = PretrainedEncoder(BertConfig(path=make_tiny_bert(tmp_path)))
     B, S, E, K, L = 2, 7, 9, 3, 4
@@ -66,7 +66,7 @@ def test_beam_decode_flops_match_torch(tmp_path: Path) -> None:
     for fused in (False, True):
         torch.manual_seed(0)
         model = BertFusedTransformer(replace(CFG, fused=fused), 50, 0, bert if fused else None).eval()
-        got = counted(lambda: beam_search(model, src, beam=K, max_len_a=0.0, max_len_b=L, min_len=L,
+        got = counted(lambda: beam_search(model, src, opts=DecodeOptions(beam=K, max_len_a=0.0, max_len_b=L, min_len=L),
                                           bert_out=h_b if fused else None))
         # L tokens then the forced eos: L + 1 decoder steps
         assert got == beam_decode_flops(CFG, 50, B, S, E, K, L + 1, 32, fused=fused)

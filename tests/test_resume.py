@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,18 +224,19 @@ def test_a_run_held_by_a_live_process_is_not_resumed(tmp_path: Path) -> None:
     old, new = tmp_path / "a", tmp_path / "b"
     old.mkdir()
     save_config(config(old), old)
-    sleeper = subprocess.Popen(["sleep", "30"])
+    code = f"import sys, time; from pathlib import Path; from bertnmt.rundir import acquire; acquire(Path({str(old)!r})); " \
+           "print('locked', flush=True); time.sleep(30)"
+    sleeper = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
-        stat = Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-        import socket
-
-        (old / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "start": stat}))
+        assert sleeper.stdout.readline().strip() == "locked"
         assert find_unfinished(new, config(new)) is None
         with pytest.raises(ConfigError, match=f"output folder {old} is in use by process {sleeper.pid}"):
             open_run_dir(config(old, resume="never"))
     finally:
-        sleeper.kill()
+        sleeper.kill()  # like kill -9: the kernel drops its lock
         sleeper.wait()
+    assert (old / LOCK).exists()  # a killed holder leaves its lock file, which locks nothing
     assert find_unfinished(new, config(new)) == old  # a dead holder: a killed run, free to resume
 
 
@@ -259,3 +262,40 @@ def test_the_sampler_skips_the_first_batches_of_a_resumed_epoch() -> None:
     assert list(sampler) == full[5:] and len(sampler) == len(full) - 5
     sampler.set_epoch(3)
     assert len(sampler) == len(sampler.batches()) and list(sampler) != full
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", [True, False], ids=["same folder", "own folders"])
+def test_two_commands_started_at_once_after_a_kill_lose_nothing(corpus: Path, tmp_path: Path, shared: bool) -> None:
+    """After a kill -9, the same command started twice at once: one process resumes the killed run, the other
+    starts its own run or is refused in one line; neither removes a folder or file the other one uses."""
+    runs = tmp_path / "runs"
+    base = [a for a in args(corpus, runs, corpus / "cache") if not a.startswith(("hydra.run.dir=", "trainer.max_epochs="))]
+    base.append("trainer.max_epochs=2")
+    old = runs / "old"
+    proc = popen_train([*base, f"hydra.run.dir={old}"], tmp_path / "first.log")
+    wait_for("old/checkpoints/fused/checkpoint_1_3.pt", runs, proc, tmp_path / "first.log")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(600) == -signal.SIGKILL
+
+    folders = [runs / "new", runs / "new"] if shared else [runs / "new_a", runs / "new_b"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [popen_train([*base, f"hydra.run.dir={f}"], log) for f, log in zip(folders, logs)]
+    codes = [p.wait(600) for p in procs]
+    texts = [log.read_text() for log in logs]
+    assert set(codes) <= {0, 2} and 0 in codes, texts
+    resumed = [t for t in texts if f"resuming the unfinished run in {old}" in t]
+    assert len(resumed) == 1, texts  # the killed run is continued by exactly one of them
+    assert (old / "summary.json").is_file() and (old / "train.log").is_file() and (old / ".hydra").is_dir()
+    for code, text in zip(codes, texts):
+        assert "Traceback" not in text, text
+        if code == 2:
+            errors = [line for line in text.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and "is in use by process" in errors[0], text
+            continue
+        run_dir = Path(re.search(r"run directory (\S+)", text)[1])
+        assert (run_dir / "summary.json").is_file(), text
+        assert (run_dir / "train.log").is_file() and (run_dir / ".hydra" / "config.yaml").is_file(), sorted(
+            p.name for p in run_dir.iterdir())
+        assert "[fused] epoch 2" in (run_dir / "train.log").read_text()
+    assert not list(runs.rglob(LOCK))  # every lock released

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from bertnmt.config import BertConfig, ModelConfig
 from bertnmt.model import BertFusedTransformer, PretrainedEncoder
 from bertnmt.model.nmt import EncoderOut
-from bertnmt.search import _topk_rows, beam_search, greedy_search
+from bertnmt.search import DecodeOptions, _topk_rows, beam_search, greedy_search
 
 try:
     from tests.tiny_encoder import make_tiny_bert
@@ -135,7 +135,7 @@ def copy_model(bert) -> tuple[BertFusedTransformer, list[list[int]]]:
 def test_overfit_copy_task_is_reproduced(copy_model):
     model, sents = copy_model
     src, enc_ids, enc_mask = batch(sents)
-    hyps = beam_search(model, src, enc_ids, enc_mask, beam=5, nbest=1)
+    hyps = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=5))
     assert [h[0][0] for h in hyps] == sents
     assert greedy_search(model, src, enc_ids, enc_mask) == sents
 
@@ -144,8 +144,8 @@ def test_overfit_copy_task_is_reproduced(copy_model):
 def test_beam1_equals_greedy(bert, copy_model, trained):
     model = copy_model[0] if trained else make_model(bert, seed=3)
     src, enc_ids, enc_mask = batch(random_sents(7, 2, 9, seed=7))
-    greedy = greedy_search(model, src, enc_ids, enc_mask, max_len_a=1.0, max_len_b=5)
-    beam = beam_search(model, src, enc_ids, enc_mask, beam=1, max_len_a=1.0, max_len_b=5)
+    greedy = greedy_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1, max_len_a=1.0, max_len_b=5))
+    beam = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1, max_len_a=1.0, max_len_b=5))
     assert [h[0][0] for h in beam] == greedy
 
 
@@ -154,7 +154,7 @@ def test_beam5_nbest_sorted_clean_and_bounded(bert, copy_model, trained):
     model = copy_model[0] if trained else make_model(bert, seed=3)
     sents = random_sents(6, 2, 9, seed=8)
     src, enc_ids, enc_mask = batch(sents)
-    hyps = beam_search(model, src, enc_ids, enc_mask, beam=5, nbest=3, max_len_a=1.5, max_len_b=3)
+    hyps = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=5, nbest=3, max_len_a=1.5, max_len_b=3))
     assert len(hyps) == len(sents)
     for s, nb in zip(sents, hyps):
         assert len(nb) == 3
@@ -172,9 +172,9 @@ def test_batch_equals_one_by_one(bert, copy_model, trained):
     model = copy_model[0] if trained else make_model(bert, seed=4)
     sents = random_sents(5, 1, 9, seed=9) if not trained else copy_model[1][:5]
     src, enc_ids, enc_mask = batch(sents)
-    together = beam_search(model, src, enc_ids, enc_mask, beam=5, nbest=5, max_len_b=4)
+    together = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=5, nbest=5, max_len_b=4))
     for i, s in enumerate(sents):
-        alone = beam_search(model, *batch([s]), beam=5, nbest=5, max_len_b=4)[0]
+        alone = beam_search(model, *batch([s]), DecodeOptions(beam=5, nbest=5, max_len_b=4))[0]
         assert [t for t, _ in alone] == [t for t, _ in together[i]]
         assert [sc for _, sc in alone] == pytest.approx([sc for _, sc in together[i]], abs=1e-4)
 
@@ -182,10 +182,10 @@ def test_batch_equals_one_by_one(bert, copy_model, trained):
 def test_plain_model_search_and_lenpen():
     model = make_model(None, seed=6).train()
     src = pad_seqs([s + [EOS] for s in random_sents(3, 2, 6, seed=10)])
-    greedy = greedy_search(model, src, max_len_b=4)
-    assert [h[0][0] for h in beam_search(model, src, beam=1, max_len_b=4)] == greedy
+    greedy = greedy_search(model, src, opts=DecodeOptions(beam=1, max_len_b=4))
+    assert [h[0][0] for h in beam_search(model, src, opts=DecodeOptions(beam=1, max_len_b=4))] == greedy
     for lenpen in (0.0, 2.0):
-        for nb in beam_search(model, src, beam=4, nbest=4, lenpen=lenpen, max_len_b=4):
+        for nb in beam_search(model, src, opts=DecodeOptions(beam=4, nbest=4, lenpen=lenpen, max_len_b=4)):
             scores = [score for _, score in nb]
             assert scores == sorted(scores, reverse=True)
     assert model.training  # search runs in eval mode and restores the mode afterwards

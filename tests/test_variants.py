@@ -13,7 +13,7 @@ from bertnmt.freeze import FreezePolicy, param_group
 from bertnmt.model import BertFusedTransformer, PretrainedEncoder
 from bertnmt.model.pretrained import random_features
 from bertnmt.model.variants import fused_layer_ids
-from bertnmt.search import beam_search, greedy_search
+from bertnmt.search import DecodeOptions, beam_search, greedy_search
 
 try:
     from tests.test_model import make_batch as model_batch
@@ -89,8 +89,8 @@ def test_variant_shapes_incremental_and_search(bert_path, name, model_kw, bert_k
         assert enc.enc_out.shape[:2] == enc_ids.shape and torch.equal(enc.src_pad, enc_mask.eq(0))
     else:
         assert enc.enc_out.shape == (3, 7, model.cfg.d_model)
-    greedy = greedy_search(model, src, enc_ids, enc_mask, max_len_b=5)
-    beam = beam_search(model, src, enc_ids, enc_mask, beam=1, max_len_b=5)
+    greedy = greedy_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1, max_len_b=5))
+    beam = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1, max_len_b=5))
     assert [h[0][0] for h in beam] == greedy  # beam 1 = greedy, through the same incremental state
     assert all(len(h) <= 1.5 * 7 + 5 for h in greedy)
 

@@ -30,7 +30,7 @@ class PairDataset(Dataset):
         self.split = split
         self.with_encoder = with_encoder and split.enc_ids is not None
         self.features = features if self.with_encoder else None
-        # a split cut to its first n sentences (training.head) keeps using the whole split's features
+        # a split cut to its first n sentences (decoding.head) keeps using the whole split's features
         if self.features is not None and len(self.features) < len(split.src_ids):
             raise ValueError(f"{len(self.features)} cached feature rows for {len(split.src_ids)} sentences")
 

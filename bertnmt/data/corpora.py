@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from bertnmt.atomic import write_bytes
 from bertnmt.config import DataConfig
 from bertnmt.errors import ConfigError, DataError
 
@@ -165,14 +166,10 @@ def fetch(file: RemoteFile, cfg: DataConfig) -> Path:
                 payload = zf.read(file.member)
     except (OSError, zipfile.BadZipFile, KeyError) as e:
         raise DataError(f"could not download {file.url} ({e}); set data.mirror or {MIRROR_ENV} to a local copy")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(payload)
     actual = hashlib.sha256(payload).hexdigest()
     if actual != file.sha256:
-        tmp.unlink()
         raise DataError(f"{file.url}: sha256 mismatch, expected {file.sha256}, got {actual}")
-    os.replace(tmp, dest)
+    write_bytes(dest, payload)
     return dest
 
 

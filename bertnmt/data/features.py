@@ -7,7 +7,7 @@ stored in fp16 and memory-mapped::
 
     <data dir>/features-<key>/<split>.npy          (N_tokens, Hb) float16, all sentences back to back
     <data dir>/features-<key>/<split>.offsets.npy  (N + 1,) int64: sentence i is rows offsets[i]:offsets[i+1]
-    <data dir>/features-<key>/meta.json
+    <data dir>/features-<key>/meta.json            settings and each file's sha256, checked before serving
 
 ``key`` hashes the encoder's weights, the layer, the encoder ids of every split and the dtype; the
 data folder itself is keyed by the corpus and its settings. Whether cached features may be served
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import mmap
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,12 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bertnmt.data.prepare import PreparedData, Split, _publish, _temp_dir
+from bertnmt.atomic import atomic_dir, remove_stale_temps, temp_name
+from bertnmt.data.prepare import PreparedData, Split
 from bertnmt.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2  # 2: meta.json holds each file's sha256
 DTYPE = np.float16
 
 
@@ -115,6 +117,8 @@ def compute_split(encoder: torch.nn.Module, split: Split, enc_pad_id: int, out: 
     hidden = int(encoder.hidden_size)
     values = np.lib.format.open_memmap(out.with_suffix(".npy"), mode="w+", dtype=DTYPE,
                                        shape=(int(offsets[-1]), hidden))  # (N_tokens, Hb)
+    with open(out.with_suffix(".npy"), "r+b") as f:  # reserve the blocks: a full disk is an OSError here, not a
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)  # SIGBUS in a write to the memory map
     order = np.argsort(lengths, kind="stable")
     start = 0
     while start < len(order):  # batches of at most max_tokens padded tokens
@@ -136,6 +140,35 @@ def compute_split(encoder: torch.nn.Module, split: Split, enc_pad_id: int, out: 
     values.flush()
     del values
     np.save(out.with_suffix(".offsets.npy"), offsets, allow_pickle=False)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify(folder: Path) -> str | None:
+    """Why the cache in ``folder`` must not be served (a file missing or failing its checksum), or None.
+
+    A damaged file of the same size would otherwise be served as features without any error."""
+    try:
+        sums = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["sha256"]
+        for name, expected in sums.items():
+            if _sha256(folder / name) != expected:
+                return f"{name} fails its sha256 checksum"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _discard(folder: Path) -> None:
+    """Move a damaged cache out of the way (readers that mapped it keep their pages), then delete it."""
+    aside = temp_name(folder)
+    try:
+        os.rename(folder, aside)
+    except OSError:
+        return  # another process moved or rebuilt it meanwhile
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_store(folder: Path, name: str) -> FeatureStore:
@@ -171,6 +204,10 @@ def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: 
     folder = data.dir / f"features-{feature_key(encoder_sha256, what_out, splits)}"
     n_sent = sum(len(s) for s in splits.values())
     what = f"{n_sent:,} sentences x {int(encoder.hidden_size)} fp16 = {size / 2**20:,.0f} MB"
+    remove_stale_temps(data.dir)
+    if folder.is_dir() and (bad := verify(folder)) is not None:
+        log.warning("feature cache: %s is damaged (%s); building it again", folder, bad)
+        _discard(folder)
     if not folder.is_dir():
         free = shutil.disk_usage(data.dir).free
         if size > budget_gb * 2**30 or size > 0.9 * free:
@@ -178,19 +215,19 @@ def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: 
                      "H_B is computed on the fly", what, budget_gb, free / 2**30)
             return None
         start = time.perf_counter()
-        tmp = _temp_dir(folder)
         was_training = encoder.training
         encoder.eval()
         try:
-            for name, split in splits.items():
-                compute_split(encoder, split, enc_pad_id, tmp / name, device)
-            (tmp / "meta.json").write_text(json.dumps({"version": FEATURES_VERSION, "encoder_sha256": encoder_sha256,
-                                                       "layer": str(getattr(encoder, "layer", -1)), "bytes": size,
-                                                       "splits": {n: len(s) for n, s in splits.items()}}, indent=2))
-            _publish(tmp, folder)
+            with atomic_dir(folder) as tmp:
+                for name, split in splits.items():
+                    compute_split(encoder, split, enc_pad_id, tmp / name, device)
+                sums = {p.name: _sha256(p) for p in sorted(tmp.glob("*.npy"))}
+                (tmp / "meta.json").write_text(json.dumps({
+                    "version": FEATURES_VERSION, "encoder_sha256": encoder_sha256,
+                    "layer": str(getattr(encoder, "layer", -1)), "bytes": size,
+                    "splits": {n: len(s) for n, s in splits.items()}, "sha256": sums}, indent=2))
         finally:
             encoder.train(was_training)
-            shutil.rmtree(tmp, ignore_errors=True)
         log.info("feature cache: built %s in %.1f s: %s", what, time.perf_counter() - start, folder)
     else:
         log.info("feature cache: reusing %s: %s", what, folder)

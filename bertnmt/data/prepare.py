@@ -9,22 +9,21 @@ Cache layout, ``<cache_dir>/<corpus>-<src>-<tgt>-<key>/``::
     report.json                           counts and settings
     enc-<key>/<split>.{ids,offsets}.npy   encoder ids (``add_encoder_view``), meta.json
 
-Every folder is written under a temporary name and renamed when complete.
+Every folder is written under a temporary name and renamed when complete (:func:`bertnmt.atomic.atomic_dir`);
+the temp folders of killed builds are removed by the next build.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bertnmt.atomic import atomic_dir, remove_stale_temps
 from bertnmt.config import DataConfig
 from bertnmt.data.corpora import SPLITS, corpus_fingerprint, corpus_spec, load_corpus
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab, train_sentencepiece
@@ -101,6 +100,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     identity = _identity(cfg)
     key = _short_hash(identity)
     out = _folder(cfg, key)
+    _remove_stale(out.parent)
     if out.is_dir():
         data = _load(out, key)
         logger.info("loaded prepared data from %s", out)
@@ -120,8 +120,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
         report["cut_by_limit"][split] = max(0, len(src) - limit) if limit is not None else 0
         if limit is not None:
             raw[split] = (src[:limit], tgt[:limit])
-    tmp = _temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         train_src, train_tgt = raw["train"]
         vocab = SubwordVocab(train_sentencepiece(train_src + train_tgt, cfg.vocab_size, tmp / "spm"))
         report["vocab_size"] = len(vocab)
@@ -140,9 +139,6 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
         if report["pairs"]["train"] == 0:
             raise ConfigError(f"data.max_len={cfg.max_len} drops every training pair")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     data = _load(out, key)
     _log_report(cfg, data)
     return data
@@ -195,18 +191,15 @@ def add_encoder_view(data: PreparedData, tokenizer: EncoderTokenizer) -> None:
         "version": PREP_VERSION,
     }
     folder = data.dir / f"enc-{_short_hash(fingerprint)}"
+    _remove_stale(data.dir)
     if not folder.is_dir():
-        tmp = _temp_dir(folder)
-        try:
+        with atomic_dir(folder) as tmp:
             truncated = {}
             for name, split in data.splits.items():
                 ids, truncated[name] = tokenizer.encode_batch(split.src_text)
                 save_ragged(tmp / name, ids)
             meta = {**fingerprint, "truncated": truncated}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            _publish(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     try:
         truncated = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["truncated"]
         for name, split in data.splits.items():
@@ -254,16 +247,7 @@ def _read_texts(path: Path) -> list[str]:
         return f.read().split("\n")[:-1]
 
 
-def _temp_dir(final: Path) -> Path:
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename a finished temp folder into place; a concurrent run that got there first wins."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():
-            raise
+def _remove_stale(folder: Path) -> None:
+    """The temp folders of cache builds that a kill interrupted (their process is gone)."""
+    for p in remove_stale_temps(folder):
+        logger.info("removed %s, left by an interrupted cache build", p)

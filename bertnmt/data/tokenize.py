@@ -191,6 +191,31 @@ def _load_auto_tokenizer(name_or_path: str, trust_remote_code: bool) -> Any:
     )
 
 
+# Models whose position ids start after the padding id (fairseq's convention), so that
+# max_position_embeddings - (pad_token_id + 1) positions are usable.
+_POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod",
+                          "roberta-prelayernorm", "mpnet", "bart", "mbart", "ibert")
+
+
+def encoder_positions(name_or_path: str, trust_remote_code: bool = False) -> int | None:
+    """How many tokens the encoder's position table holds (None when its config does not say or cannot be read)."""
+    from transformers import AutoConfig
+
+    try:
+        resolved = resolve_model_path(name_or_path)
+        local = Path(resolved).is_dir()
+        conf = AutoConfig.from_pretrained(resolved, local_files_only=not local and _hub_offline(),
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ConfigError):
+        return None
+    n = getattr(conf, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if getattr(conf, "model_type", "") in _POSITION_OFFSET_TYPES and isinstance(getattr(conf, "pad_token_id", None), int):
+        n -= conf.pad_token_id + 1
+    return n
+
+
 class EncoderTokenizer:
     """The pretrained encoder's own tokenizer (``AutoTokenizer``), with truncation counting."""
 
@@ -206,6 +231,11 @@ class EncoderTokenizer:
         model_max = getattr(self.hf, "model_max_length", None)
         sane = isinstance(model_max, int) and 2 <= model_max <= _MAX_SANE_LENGTH
         self.max_length = min(max_length, model_max) if sane else max_length
+        positions = encoder_positions(name_or_path, trust_remote_code)
+        if positions is not None and positions < self.max_length:  # a longer input would index past its positions
+            logger.info("encoder %s has %d positions: inputs are truncated to %d tokens (bert.max_length=%d)",
+                        name_or_path, positions, positions, max_length)
+            self.max_length = max(2, positions)
         pad = self.hf.pad_token_id
         if pad is None:  # masked out anyway; any valid id will do
             pad = next((i for i in (self.hf.eos_token_id, self.hf.unk_token_id) if i is not None), 0)

@@ -77,6 +77,13 @@ class DecoderState:
 
     reorder = select  # beam reordering is a select whose rows stay within their groups
 
+    def reorder_beams(self, index: Tensor) -> "DecoderState":
+        """Reorder decoder rows (N,) within their groups, in place; the caller guarantees that every
+        group keeps its sentence. Unlike :meth:`select` it never reads the index on the host (no sync)."""
+        for cache in self.self_kv:
+            cache.reorder(index)
+        return self
+
 
 class FusedDecoderLayer(nn.Module):
     """Self-attention, then encoder-decoder attention ‖ BERT attention, then the FFN (paper eq. 3).

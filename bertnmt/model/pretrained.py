@@ -198,8 +198,13 @@ class PretrainedEncoder(nn.Module):
             return enc_mask.bool()[:, None, None, :]  # (B, 1, 1, E)
         return enc_mask
 
+
+MIN_TOKENIZER_SIZE = 100  # fewer tokens: the tokenizer files are missing (transformers then builds an empty one)
+
+
 def check_tokenizer(cfg: BertConfig, vocab_len: int, pad_id: int) -> None:
-    """The encoder tokenizer's ids must fit the encoder's embedding table (a clear error, not an IndexError).
+    """The encoder tokenizer's ids must fit the encoder's embedding table (a clear error, not an IndexError), and
+    cover at least half of it (a tokenizer built without its vocabulary files maps every word to [UNK]).
 
     ``vocab_len`` is the tokenizer's size (its largest id + 1) and ``pad_id`` the id it pads with.
     """
@@ -215,6 +220,12 @@ def check_tokenizer(cfg: BertConfig, vocab_len: int, pad_id: int) -> None:
     except (OSError, ValueError):
         return  # PretrainedEncoder reports an encoder it cannot load
     size = getattr(conf, "vocab_size", None)
+    if vocab_len < MIN_TOKENIZER_SIZE or (isinstance(size, int) and 2 * vocab_len < size):
+        rows = f" but the encoder's embedding table has {size} rows" if isinstance(size, int) else ""
+        raise ConfigError(
+            f"bert.path={cfg.path!r}: its tokenizer has only {vocab_len} tokens{rows}; its tokenizer files "
+            "(vocab.txt, tokenizer.json, ...) are missing or incomplete, and every word would be [UNK]"
+        )
     if isinstance(size, int) and max(vocab_len - 1, pad_id) >= size:
         raise ConfigError(
             f"bert.path={cfg.path!r}: its tokenizer has {vocab_len} tokens (pad id {pad_id}) but the encoder's "
