@@ -281,7 +281,7 @@ def check_values(cfg: Config) -> None:
     _require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device)), "trainer.device", t.device,
              "is not one of auto, cpu, cuda, cuda:N")
     _require(e.beam >= 1, "eval.beam", e.beam, "must be at least 1")
-    _require(e.batch_sents >= 1, "eval.batch_sents", e.batch_sents, "must be at least 1")
+    _require(e.batch_sents >= 0, "eval.batch_sents", e.batch_sents, "must not be negative (0 = the token budget alone)")
     _require(e.max_len_a >= 0 and e.max_len_b >= 0, "eval.max_len_a/max_len_b", f"{e.max_len_a}/{e.max_len_b}",
              "must not be negative")
     _require(d.max_tokens >= 1, "data.max_tokens", d.max_tokens, "must be at least 1")
