@@ -124,42 +124,41 @@ def _setup(spec: BenchSpec, variant: str):
 
 
 def train_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
-    """Time ``spec.steps`` optimizer updates of one training variant; FLOPs and peak memory with it."""
-    from bertnmt.training import forward_loss, smoothed_loss
+    """Time ``spec.steps`` optimizer updates of one training variant; FLOPs, ATen ops and peak memory with it.
+
+    Our variants time the Trainer's own update (:meth:`bertnmt.training.Trainer._update`: freeze policy,
+    forward and backward, loss read, clipping, optimizer, schedule) on the Trainer's own batches. Marian
+    runs the usual Hugging Face step (one-group AdamW) on batches of the same size."""
+    from bertnmt.opcount import OpCounter
 
     base = "plain" if variant in ("marian", "plain_bf16") else variant
     cfg, data, tok, model, policy, features, device = _setup(spec, base)
     if variant == "plain_bf16":
         spec = replace(spec, bf16=True)
     if variant == "marian":
-        model = marian_like(cfg.model, len(data.vocab), data.vocab.pad_id).to(device)
-    loader = _epoch_loader(spec, data, tok, features)  # streamed, as in the Trainer (collation is timed too)
+        step, loader, opt = _marian_step(spec, cfg, data, tok, device)
+        model = step.model
+        params = [p for g in opt.param_groups for p in g["params"]]
+        total = sum(p.numel() for p in step.model.parameters())
+    else:
+        trainer = _bench_trainer(spec, cfg, data, tok, model, policy, features)
+        # every variant trains on the same batches (the budget counts the encoder ids for all of them)
+        step, loader = _trainer_step(trainer), _epoch_loader(spec, data, tok, features, trainer.pad_multiple)
+        opt = trainer.optimizer
+        params = [p for p in model.parameters() if p.requires_grad]
+        total = sum(p.numel() for p in model.parameters())
+    opt_s = _time_optimizer_steps(opt, device)
     batches = _endless(loader)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=1e-4)
-    step_model = torch.compile(model) if spec.compile else model
-    model.train()
-    policy.apply(model)  # re-lock the frozen encoder's eval mode after train()
-    pad = data.vocab.pad_id
-
-    def step(b) -> None:
-        if variant == "marian":  # the usual Hugging Face training step, same loss
-            with _autocast(spec, device):
-                logits = step_model(input_ids=b.src, attention_mask=b.src.ne(pad), decoder_input_ids=b.tgt_in,
-                                    decoder_attention_mask=b.tgt_in.ne(pad)).logits  # (B, T, V)
-            loss, _ = smoothed_loss(logits, b.tgt_out, pad, 0.1)
-        else:  # exactly the Trainer's forward
-            with _autocast(spec, device):
-                loss, _ = forward_loss(step_model, b, pad, 0.1, device)
-        (loss / b.ntokens).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     for _ in range(spec.warmup):
         step(next(batches).to(device, non_blocking=True))
     _sync(device)
+    b = next(batches).to(device, non_blocking=True)
+    with OpCounter(patch_host_reads=True) as ops:  # one whole update, outside the timed ones
+        step(b)
+    _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    opt_s.clear()
     ntok, shapes = 0, []
     start = time.perf_counter()
     for _ in range(spec.steps):
@@ -173,7 +172,84 @@ def train_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     return {"variant": variant, "step_s": elapsed / spec.steps, "tokens_per_s": ntok / elapsed,
             "epoch_batches": epoch_batches, "epoch_s_est": elapsed / spec.steps * epoch_batches,
             "peak_mb": peak_memory_mb(device), "shapes": shapes, "encoder_weights_mb": _encoder_mb(model),
-            "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters())}
+            "optimizer_step_s": sum(opt_s) / max(1, len(opt_s)), "param_groups": len(opt.param_groups),
+            **ops.summary(), "sync_ops": ops.syncs[:8],
+            "trainable": sum(p.numel() for p in params), "total": total}
+
+
+def _bench_trainer(spec: BenchSpec, cfg, data, tok, model, policy, features):
+    """The Trainer of a training stage over the bench's data (its run folder is a temporary one)."""
+    import tempfile
+
+    from bertnmt.training import Trainer, model_uses_bert
+
+    precision = "bf16" if spec.bf16 else cfg.trainer.precision
+    cfg = replace(cfg, trainer=replace(cfg.trainer, compile=spec.compile, precision=precision, seed=1,
+                                       save_every_steps=0, max_steps=0))
+    run_dir = Path(tempfile.mkdtemp(prefix="bertnmt-bench-"))
+    stage = "fused" if model_uses_bert(model) else "baseline"
+    trainer = Trainer(cfg, model, data, policy, run_dir, stage, {}, enc_pad_id=tok.pad_id, features=features)
+    trainer.model.train()
+    trainer._sync_policy(1, at_epoch_start=True)  # what train_epoch does first
+    return trainer
+
+
+def _trainer_step(trainer):
+    from bertnmt.training import EpochPosition
+
+    pos = EpochPosition()
+    log_every = trainer.cfg.trainer.log_every
+
+    def step(b) -> None:
+        trainer._update([b], 1, pos)
+        if trainer.step % log_every == 0:  # the loss read of train_epoch, once per log interval
+            trainer._settle(pos, 1)
+
+    return step
+
+
+def _marian_step(spec: BenchSpec, cfg, data, tok, device):
+    """The usual Hugging Face training step of MarianMTModel (one-group AdamW, the same loss)."""
+    from bertnmt.training import smoothed_loss
+
+    model = marian_like(cfg.model, len(data.vocab), data.vocab.pad_id).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=1e-4)
+    pad = data.vocab.pad_id
+    step_model = torch.compile(model) if spec.compile else model
+
+    def step(b) -> None:
+        with _autocast(spec, device):
+            logits = step_model(input_ids=b.src, attention_mask=b.src.ne(pad), decoder_input_ids=b.tgt_in,
+                                decoder_attention_mask=b.tgt_in.ne(pad)).logits  # (B, T, V)
+        loss, _ = smoothed_loss(logits, b.tgt_out, pad, 0.1)
+        (loss / b.ntokens).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step.model = model  # type: ignore[attr-defined]
+    from bertnmt.training import resolve_pad_multiple
+
+    pad_multiple = resolve_pad_multiple(cfg.data.pad_multiple, device, spec.compile)  # the Trainer's batches
+    return step, _epoch_loader(spec, data, tok, pad_multiple=pad_multiple), opt
+
+
+def _time_optimizer_steps(opt: torch.optim.Optimizer, device: torch.device) -> list[float]:
+    """Seconds of each ``opt.step()`` from now on (device-synchronised), via the optimizer's step hooks."""
+    times: list[float] = []
+    t0 = [0.0]
+
+    def pre(*_: Any) -> None:
+        _sync(device)
+        t0[0] = time.perf_counter()
+
+    def post(*_: Any) -> None:
+        _sync(device)
+        times.append(time.perf_counter() - t0[0])
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(post)
+    return times
 
 
 def _endless(loader):
@@ -186,11 +262,11 @@ def _endless(loader):
         epoch += 1
 
 
-def _epoch_loader(spec: BenchSpec, data, tok, features=None):
+def _epoch_loader(spec: BenchSpec, data, tok, features=None, pad_multiple: int = 1):
     from bertnmt.data.collate import make_loader
 
     return make_loader(data.splits["train"], spec.max_tokens, seed=1, shuffle=True, enc_pad_id=tok.pad_id,
-                       features=(features or {}).get("train"))
+                       features=(features or {}).get("train"), pad_multiple=pad_multiple)
 
 
 def _encoder_mb(model: torch.nn.Module) -> float:
@@ -337,7 +413,8 @@ def report(spec: BenchSpec, res: dict[str, dict[str, Any]], device_name: str) ->
         flops = training_flops(cfg.model, vocab, [tuple(s) for s in plain["shapes"]], dims)
         floors = flops.floors()
     out += ["| training variant | step ms | target tok/s | epoch s (est.) | time / plain | FLOPs floor | "
-            "time / floor | peak MB | trainable / total |", "|---|---|---|---|---|---|---|---|---|"]
+            "time / floor | peak MB | trainable / total | ATen ops / update | kernel-launching | host syncs | "
+            "optimizer.step ms | param groups |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in TRAIN_VARIANTS:
         r = res.get(v)
         if not r:
@@ -346,7 +423,9 @@ def report(spec: BenchSpec, res: dict[str, dict[str, Any]], device_name: str) ->
         floor = floors.get(v, 1.0)
         out.append(f"| {v} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['epoch_s_est']:.0f} | "
                    f"{ratio:.2f} | {floor:.2f} | {ratio / floor:.2f} | {r['peak_mb']:,.0f} | "
-                   f"{r['trainable']:,} / {r['total']:,} |")
+                   f"{r['trainable']:,} / {r['total']:,} | {r.get('aten_ops', 0):,} | {r.get('aten_launching', 0):,} | "
+                   f"{r.get('host_syncs', 0)} | {1000 * r.get('optimizer_step_s', 0.0):.1f} | "
+                   f"{r.get('param_groups', 0)} |")
     if plain and flops is not None and spec.device.startswith("cuda"):
         peak = next((v for k, v in BF16_PEAK.items() if k in device_name), None)
         steps = len(plain["shapes"])
@@ -368,6 +447,17 @@ def report(spec: BenchSpec, res: dict[str, dict[str, Any]], device_name: str) ->
     if plain and "marian" in res:
         r = res["marian"]["step_s"] / plain["step_s"]
         goals.append(f"training, ours vs MarianMTModel >= 1.2 x: {r:.2f} x -> {'met' if r >= 1.2 else 'MISSED'}")
+        m = res["marian"]
+        if "aten_launching" in plain and "aten_launching" in m:
+            ok = plain["aten_launching"] <= m["aten_launching"]
+            goals.append(f"kernel-launching ATen ops per update <= MarianMTModel's: {plain['aten_launching']:,} vs "
+                         f"{m['aten_launching']:,} -> {'met' if ok else 'MISSED'}")
+    for v in ("plain", "fused_cached"):
+        if v in res and "aten_ops" in res[v]:
+            r = res[v]
+            goals.append(f"{v}: total ATen ops per update <= 3,000: {r['aten_ops']:,} -> "
+                         f"{'met' if r['aten_ops'] <= 3000 else 'MISSED'}; host syncs in the update: "
+                         f"{r['host_syncs']} -> {'met' if r['host_syncs'] == 0 else 'MISSED'}")
     dec = {v: res[v] for v in DECODE_VARIANTS if v in res}
     if dec:
         dfloor = decode_floors(spec, cfg, dec)

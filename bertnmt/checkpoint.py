@@ -176,7 +176,7 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if (gen := drop_net_generator()) is not None:  # issue 7b: drop-net's own generator under DDP
-        state["drop_net"] = gen.get_state()
+        state["drop_net"] = gen.getstate()
     return state
 
 
@@ -192,8 +192,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "python" in state:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
-    if "drop_net" in state and (gen := drop_net_generator()) is not None:  # issue 7b
-        gen.set_state(state["drop_net"])
+    if isinstance(state.get("drop_net"), (tuple, list)) and (gen := drop_net_generator()) is not None:
+        version, internal, gauss = state["drop_net"]  # a Python RNG's state (older files held a torch one)
+        gen.setstate((version, tuple(internal), gauss))
 
 
 # -- weights ----------------------------------------------------------------------------------------

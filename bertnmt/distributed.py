@@ -197,6 +197,16 @@ def all_true(flag: bool) -> bool:
     return bool(t.item())
 
 
+def any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """Whether a 0-dim bool device tensor is True on any rank (an all-reduce on the device; no host sync)."""
+    if not active():
+        return flag
+    device = flag.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = flag.to(device=device, dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.to(flag.device).bool()
+
+
 # -- data and model ------------------------------------------------------------------------------
 def shard(sampler: Any) -> None:
     """Give this rank its share of a :class:`~bertnmt.data.batching.TokenBatchSampler`'s batches."""

@@ -3,9 +3,10 @@
 - :class:`StopSignal`: SIGTERM / SIGINT (cluster pre-emption, Ctrl-C) only set a flag; the trainer
   saves a checkpoint at the next step boundary and raises :class:`~bertnmt.errors.TrainingInterrupted`.
   A second signal stops at once (``KeyboardInterrupt``), without saving.
-- :class:`UpdateGuard`: a non-finite loss (or gradient norm) skips the update — no optimizer or
-  scheduler step, gradients dropped — and is counted; ``max_nonfinite_in_row`` of them in a row is a
-  :class:`~bertnmt.errors.TrainingError` naming the step. A CUDA out-of-memory error on a batch frees
+- :class:`UpdateGuard`: a non-finite loss (or gradient norm) skips the update on the device — the fused
+  optimizer's ``found_inf`` leaves weights and optimizer state untouched, while the step count and
+  schedule advance — and is counted there; the counts are read once per log interval, and
+  ``max_nonfinite_in_row`` of them in a row is then a :class:`~bertnmt.errors.TrainingError` naming the step. A CUDA out-of-memory error on a batch frees
   the gradients and the allocator's cache, skips the batch and is counted (as fairseq does).
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ class UpdateGuard:
         self.nonfinite = 0  # this epoch
         self.oom = 0  # this epoch
         self.in_row = 0  # non-finite losses since the last good update
+        self._dev: torch.Tensor | None = None  # the same, counted on the device during updates (track / settle)
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped_nonfinite": self.nonfinite, "skipped_oom": self.oom, "nonfinite_in_row": self.in_row}
@@ -79,18 +81,38 @@ class UpdateGuard:
     def new_epoch(self) -> None:
         self.nonfinite = self.oom = 0
 
-    def ok(self) -> None:
-        self.in_row = 0
+    def start_counting(self, device: torch.device) -> None:
+        """Count the coming updates on ``device``, from the host's counts (call outside an update: this copies)."""
+        self._dev = torch.tensor([self.nonfinite, self.in_row, -1], dtype=torch.float64, device=device)
 
-    def skip_nonfinite(self, what: str, value: float, epoch: int, step: int) -> None:
-        """Count a skipped update; raise once ``max_in_row`` came in a row."""
-        self.nonfinite += 1
-        self.in_row += 1
-        log.warning("[%s] epoch %d step %d: non-finite %s (%s); update skipped (%d in a row)",
-                    self.stage, epoch, step, what, value, self.in_row)
-        if self.max_in_row and self.in_row >= self.max_in_row:
+    def track(self, bad: torch.Tensor, step: int) -> None:
+        """Count update ``step`` on the device, without a host sync; ``bad`` (a 0-dim bool) = it was skipped.
+
+        Keeps (skipped this epoch, non-finite in a row, the step where ``max_in_row`` in a row was first
+        reached or -1); :meth:`settle` reads them."""
+        d = self._dev
+        b = bad.to(d.dtype)
+        in_row = (d[1] + 1.0) * b
+        stop = d[2]
+        if self.max_in_row:
+            stop = torch.where((in_row >= self.max_in_row) & (stop < 0), float(step), stop)
+        self._dev = torch.stack([d[0] + b, in_row, stop])  # (3,)
+
+    def counters(self) -> torch.Tensor:
+        """The device counters of :meth:`track`, (3,) float64."""
+        return self._dev
+
+    def settle(self, counts: list[float], epoch: int, step: int) -> None:
+        """Take the device counts read by the trainer (one host read per log interval): log the skipped updates;
+        raise once ``max_in_row`` non-finite updates came in a row."""
+        skipped, in_row, stop = int(counts[0]), int(counts[1]), int(counts[2])
+        new, self.nonfinite, self.in_row = skipped - self.nonfinite, skipped, in_row
+        if new:
+            log.warning("[%s] epoch %d: %d update(s) skipped for a non-finite loss or gradient norm by step %d "
+                        "(%d this epoch, %d in a row now)", self.stage, epoch, new, step, skipped, in_row)
+        if stop >= 0:
             raise TrainingError(
-                f"{self.in_row} non-finite losses in a row, the last at step {step} (epoch {epoch}, stage {self.stage}); "
+                f"{self.max_in_row} non-finite losses in a row, the last at step {stop} (epoch {epoch}, stage {self.stage}); "
                 "lower optim.lr, set optim.clip_norm, or raise trainer.max_nonfinite_in_row"
             )
 

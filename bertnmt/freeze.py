@@ -8,10 +8,11 @@
   and eval mode for every other fully frozen submodule, re-applied after ``model.train()``;
 - the per-parameter learning-rate multipliers (incl. the warm-up after an unfreeze).
 
-The optimizer gets one parameter group per parameter tensor, always all of them, so its
-``state_dict`` has the same structure under any policy and position (design pitfalls 1 and 6).
+The optimizer gets one parameter group per class of parameters that the same rules match (so
+trainable together, with one lr multiplier, at every position), always all parameters; its state
+is saved by parameter name (:mod:`bertnmt.optim`), so a stage resumes under another policy too.
 Frozen parameters keep ``grad=None`` and AdamW skips them entirely, weight decay and momentum
-included (pitfall 2). Works on any ``nn.Module``; the report groups of :class:`BertFusedTransformer`
+included. Works on any ``nn.Module``; the report groups of :class:`BertFusedTransformer`
 are bert, fusion, encoder, decoder and embeddings, and any other module's are its top-level children.
 :meth:`FreezePolicy.apply` returns True at a switch: a DDP wrapper, which ignores ``requires_grad``
 changes made after wrapping (pitfall 5), must be rebuilt then.
@@ -160,20 +161,30 @@ class FreezePolicy:
 
     # -- optimizer ---------------------------------------------------------------------------------
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
-        """One group per parameter tensor, every parameter, in ``named_parameters()`` order: the
-        optimizer's structure never depends on the policy or its position. Each group has its "name" and the
-        base lr (a scheduler's base): :meth:`scale_lrs` applies the multipliers before each step."""
+        """Every parameter, one group per class of parameters matched by the same freeze rules (so trainable
+        together and with the same lr multiplier at every position), in ``named_parameters()`` order.
+
+        Each group has its parameters' "names", a "name" (its first parameter's) and the base lr (a
+        scheduler's base): :meth:`scale_lrs` applies the multipliers before each step. A frozen class keeps
+        ``grad=None`` and AdamW skips it. The grouping depends on the policy: checkpoints keep the
+        optimizer's state by parameter name (:mod:`bertnmt.optim`)."""
         self._bound(model)
-        return [{"params": [p], "name": n, "lr": optim.lr} for n, p in self._params.items()]
+        classes: dict[tuple[int, ...], list[str]] = {}
+        for n in self._params:
+            classes.setdefault(tuple(self._matches[n]), []).append(n)
+        return [{"params": [self._params[n] for n in names], "names": names, "name": names[0], "lr": optim.lr,
+                 "weight_decay": optim.weight_decay} for names in classes.values()]
 
     def lr_mult(self, name: str) -> float:
         """The current learning-rate multiplier of a parameter (0 while frozen)."""
         return self._mult.get(name, 1.0)
 
     def scale_lrs(self, optimizer: Any, base_lrs: list[float]) -> None:
-        """Set each group's lr to the schedule's base lr times its parameter's multiplier (before ``step()``)."""
+        """Set each group's lr to the schedule's base lr times its parameters' multiplier (before ``step()``).
+        A group of one class shares its multiplier; a group without "names" uses its "name"."""
         for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * self._mult.get(group.get("name", ""), 1.0)
+            names = group.get("names") or [group.get("name", "")]
+            group["lr"] = base * self._mult.get(names[0], 1.0)
 
     # -- reporting ---------------------------------------------------------------------------------
     def active_rules(self, pos: Optional[int] = None) -> list[str]:
@@ -222,7 +233,7 @@ class FreezePolicy:
                 "rules": [r.describe() for r in self.rules]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the position; resuming under another policy is allowed (the optimizer's structure is the same)."""
+        """Restore the position; resuming under another policy is allowed (the optimizer's state is kept by name)."""
         self.epoch, self.step = int(state.get("epoch", 1)), int(state.get("step", 0))
         self._key = None
         theirs = (state.get("policy"), state.get("unit"), state.get("rules"))

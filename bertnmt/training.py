@@ -37,6 +37,8 @@ from bertnmt.errors import CheckpointError, ConfigError, TrainingInterrupted
 from bertnmt.faults import StopSignal, UpdateGuard
 from bertnmt.freeze import FreezePolicy
 from bertnmt.metrics import corpus_scores
+from bertnmt.model.fusion import seed_drop_net, set_drop_net_on_device
+from bertnmt.optim import load_optimizer_state, make_optimizer, optimizer_state
 from bertnmt.results import append_jsonl, keep_until
 
 log = logging.getLogger(__name__)
@@ -71,17 +73,20 @@ def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad_id: int, eps: 
 
 def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device: torch.device,
                  use_features: bool = True, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """One training forward: (summed smoothed loss, summed NLL) of a batch.
+    """One training forward: (summed smoothed loss, summed NLL) of a batch, as 0-dim device tensors.
 
-    The cached H_B in ``batch.bert_feats`` is used when present and ``use_features``; the output
-    layer and the softmax run only at non-pad target positions."""
+    The cached H_B in ``batch.bert_feats`` is used when present and ``use_features``. The output layer
+    runs only at the positions of ``batch.out_idx`` (the non-pad targets, found on the host, padded to a
+    fixed multiple: a fixed-size gather), else at every position; padding is masked in the loss by
+    multiplication. Selecting positions with a boolean mask would make the host wait for the device."""
     bert_out = None
     if batch.bert_feats is not None and use_features:
         bert_out = (batch.bert_feats.float(), batch.enc_mask.eq(0))  # (B, E, Hb), (B, E)
-    keep = batch.tgt_out.ne(pad_id)  # (B, T)
     with autocast(device, precision):
-        logits = model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out, keep=keep)  # (N, V)
-    return smoothed_loss(logits, batch.tgt_out[keep], pad_id, eps)
+        logits = model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out,
+                       keep=batch.out_idx)  # (N', V), or (B, T, V)
+    target = batch.tgt_out if batch.out_idx is None else batch.out_tgt  # (B, T) or (N',)
+    return smoothed_loss(logits, target, pad_id, eps)
 
 
 @dataclass
@@ -129,21 +134,27 @@ class Trainer:
             raise ConfigError(f"trainer.valid_bleu_every={cfg.trainer.valid_bleu_every} must be at least 1")
         check_early_stop(cfg.trainer.early_stop, cfg.trainer.valid_bleu, cfg.trainer.valid_bleu_every)
         self.model.to(self.device)
-        # the training forward; the same module (same parameters) when compiled, so state dicts are unchanged
-        self.step_model = torch.compile(model) if cfg.trainer.compile else model
+        # the training forward; the same module (same parameters) when compiled, so state dicts are unchanged.
+        # Compiled as one graph: drop-net is then drawn on the device (no data-dependent branch)
+        set_drop_net_on_device(model, cfg.trainer.compile)
+        self.step_model = torch.compile(model, fullgraph=True) if cfg.trainer.compile else model
         self.policy.apply(self.model, epoch=1, step=0)
-        groups = self.policy.param_groups(self.model, cfg.optim)  # every parameter, one group each
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer(self.policy, self.model, o, self.device)  # one group per freeze class
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(o.warmup_steps))
+        # running sums of an epoch on the device, (loss, target tokens) float64: read once per log interval
+        self._sums: torch.Tensor | None = None
         self.enc_pad_id = enc_pad = enc_pad_id if model_uses_bert(model) else None
         feats = features if enc_pad is not None and features else {}
+        self.pad_multiple = pad8 = resolve_pad_multiple(cfg.data.pad_multiple, self.device, cfg.trainer.compile)
         self.train_loader = make_loader(data.splits["train"], cfg.data.max_tokens, cfg.trainer.seed, True, enc_pad,
-                                        pin_memory=self.device.type == "cuda", features=feats.get("train"))
+                                        pin_memory=self.device.type == "cuda", features=feats.get("train"),
+                                        pad_multiple=pad8)
         self.valid_loader = make_loader(data.splits["valid"], cfg.data.max_tokens, 0, False, enc_pad,
-                                        features=feats.get("valid"))
+                                        features=feats.get("valid"), pad_multiple=pad8)
         self.features: dict[str, FeatureStore] = dict(feats)  # cleared for good once the encoder trains
         distributed.shard(self.train_loader.batch_sampler)  # issue 7b: rank r takes batches r, r+N, ...
+        seed_drop_net(cfg.trainer.seed)  # drop-net's host-side draws: the same on every rank, saved in checkpoints
         self.replicas = distributed.Replicas(self.model, self.device, cfg.trainer.seed)  # issue 7b: the DDP wrapper
         self.step = 0
         self.start_epoch = 1
@@ -180,8 +191,8 @@ class Trainer:
                                   f"{theirs[:12]} vs {ours[:12]} of {self.data.vocab.path}): the data changed; restore "
                                   "it, or start afresh with trainer.resume=never")
         load_model_weights(self.model, ckpt["model"], str(path))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        load_optimizer_state(self.optimizer, ckpt["optimizer"], str(path))
+        self._load_scheduler(ckpt["scheduler"])
         epoch = int(ckpt["epoch"])
         pos = EpochPosition(**{"epoch_done": True, **ckpt.get("position", {})})
         self.step = int(ckpt["step"])
@@ -201,6 +212,18 @@ class Trainer:
             remove_temp_files(self.ckpt_dir)
         where = "end" if pos.epoch_done else f"batch {pos.batches_done}/{pos.n_batches}"
         log.info("[%s] resumed from %s: epoch %d (%s), step %d", self.stage, path, epoch, where, self.step)
+
+    def _load_scheduler(self, state: dict[str, Any]) -> None:
+        """The schedule's position; its per-group lists follow this optimizer's groups (all groups share one
+        base lr; the policy's multipliers are applied before each step)."""
+        state = dict(state)
+        n = len(self.optimizer.param_groups)
+        for key in ("base_lrs", "_last_lr"):
+            if key in state and len(state[key]) != n:
+                state[key] = [state[key][0]] * n
+        self.scheduler.load_state_dict(state)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
 
     def _check_features(self) -> None:
         """Stop serving cached H_B, for the rest of the run, once the policy lets any part of the encoder train."""
@@ -232,45 +255,59 @@ class Trainer:
                             precision=self.cfg.trainer.precision)
 
     def _update(self, accum: list[Batch], epoch: int, pos: EpochPosition) -> bool:
-        """One optimizer update over ``accum``; False when it was skipped (non-finite loss, out of memory)."""
+        """One optimizer update over ``accum``; False when its batch ran out of memory (skipped).
+
+        Nothing here waits for the device: the losses are summed on it (read by :meth:`_settle`), and a
+        non-finite loss or gradient norm skips the update there, through the fused optimizer's
+        ``found_inf`` (weights and optimizer state unchanged; the step count and schedule advance)."""
         ntok = sum(b.ntokens for b in accum)
+        if self._sums is None:  # an update outside train_epoch (benchmarks, tests)
+            self._start_sums(pos)
         if self.policy.unit == "step":
             self._sync_policy(epoch)  # requires_grad for this update, before its forward passes
-        norm = self.replicas.begin_update(ntok, len(accum))  # issue 7b: all ranks' tokens / N (= ntok in one process)
-        loss_sum, bad, oom = 0.0, None, False
+        norm = self.replicas.begin_update(ntok, len(accum))  # all ranks' tokens / N (= ntok in one process)
+        loss_sum, oom = None, False
         try:
             for b in accum:
                 loss, _ = self._forward_loss(b)
-                value = loss.item()
-                if not distributed.all_true(math.isfinite(value)):  # issue 7b: every rank skips alike
-                    bad = ("loss", value)
-                    break
                 (loss / norm).backward()
-                loss_sum += value
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()  # () float32
         except torch.cuda.OutOfMemoryError:
             oom = True  # handled outside the except block, so that the failed batch's tensors can be freed
         if oom:
             self.guard.skip_oom(epoch, self.step, ntok, self.optimizer, self.device)
             return False
-        if bad is None and self.cfg.optim.clip_norm > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_norm))
-            if not math.isfinite(norm):
-                bad = ("gradient norm", norm)
-        if bad is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.replicas.reset()  # issue 7b: a DDP forward without its backward leaves the reducer waiting
-            self.guard.skip_nonfinite(bad[0], bad[1], epoch, self.step)  # raises after too many in a row
-            return False
+        bad = ~torch.isfinite(loss_sum)  # () bool
+        if self.cfg.optim.clip_norm > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_norm)
+            bad = bad | ~torch.isfinite(gnorm)
+        bad = distributed.any_rank(bad)  # every rank skips alike
         self.policy.scale_lrs(self.optimizer, self.scheduler.get_last_lr())  # inverse sqrt x policy multiplier
-        self.optimizer.step()
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = bad.float()  # the fused kernel skips the whole update when it is 1
+            self.optimizer.step()
+        elif not bool(bad):  # a device without the fused kernel: the one host sync of the update
+            self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)  # frozen weights keep grad None (pitfall 2)
+        self.optimizer.zero_grad(set_to_none=True)  # frozen weights keep grad None
+        self.guard.track(bad, self.step)
+        good = (~bad).double()
+        self._sums = self._sums + torch.stack([torch.where(bad, 0.0, loss_sum.double()), good * ntok])  # (2,)
         self.step += 1
         self.policy.step = self.step  # the policy's position: the index of the next update
-        self.guard.ok()
-        pos.tot_loss += loss_sum
-        pos.tot_tokens += ntok
         return True
+
+    def _start_sums(self, pos: EpochPosition) -> None:
+        """Continue the epoch's running sums and skip counts on the device from ``pos`` and the guard."""
+        self._sums = torch.tensor([pos.tot_loss, pos.tot_tokens], dtype=torch.float64, device=self.device)
+        self.guard.start_counting(self.device)
+
+    def _settle(self, pos: EpochPosition, epoch: int) -> None:
+        """Read the device's running sums and skip counts into ``pos`` and the guard (one host sync)."""
+        vals = torch.cat([self._sums, self.guard.counters()]).tolist()
+        pos.tot_loss, pos.tot_tokens = vals[0], vals[1]
+        self.guard.settle(vals[2:], epoch, self.step)  # raises after too many non-finite updates in a row
+        self._start_sums(pos)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         t = self.cfg.trainer
@@ -291,6 +328,7 @@ class Trainer:
             set_rng_state(self._resume_rng)
             self._resume_rng = None
         accum: list[Batch] = []
+        self._start_sums(pos)
         start = time.perf_counter() - pos.elapsed_s
         bar = None
         if t.progress and distributed.is_main():  # issue 7b
@@ -307,6 +345,9 @@ class Trainer:
                 continue
             stepped = self._update(accum, epoch, pos)
             accum = []
+            saving = stepped and t.save_every_steps and self.step % t.save_every_steps == 0
+            if saving or self.stop.requested or (stepped and self.step % t.log_every == 0):
+                self._settle(pos, epoch)
             if bar is not None:
                 bar.update(t.accum_steps)
                 bar.set_postfix(loss=f"{pos.tot_loss / max(1, pos.tot_tokens):.3f}")
@@ -314,7 +355,7 @@ class Trainer:
                 self.writer.add_scalar("train/loss", pos.tot_loss / max(1, pos.tot_tokens), self.step)
                 self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
             saved = None
-            if stepped and t.save_every_steps and self.step % t.save_every_steps == 0:
+            if saving:
                 pos.elapsed_s = time.perf_counter() - start
                 saved = self._save(epoch, pos)
             if self.stop.requested:
@@ -323,6 +364,7 @@ class Trainer:
                 raise TrainingInterrupted(self.stop.signum, self.step, str(saved))
         if bar is not None:
             bar.close()
+        self._settle(pos, epoch)
         loss_all, tok_all = distributed.sum_over_ranks(  # issue 7b: the whole epoch's figures, all ranks
             torch.tensor(pos.tot_loss, dtype=torch.float64, device=self.device), int(pos.tot_tokens))
         elapsed = time.perf_counter() - start
@@ -335,13 +377,14 @@ class Trainer:
         """Validation loss and perplexity; with ``bleu`` (default: ``trainer.valid_bleu``), greedy BLEU on the
         first ``trainer.valid_max_sents`` sentences, their number as ``valid_bleu_sents``."""
         self.model.eval()
-        loss_sum = nll_sum = ntok = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss, NLL), read once at the end
+        ntok = 0
         for batch in self.valid_loader:
             batch = batch.to(self.device)
             loss, nll = self._forward_loss(batch)
-            loss_sum += loss.item()
-            nll_sum += nll.item()
+            sums += torch.stack([loss.double(), nll.double()])
             ntok += batch.ntokens
+        loss_sum, nll_sum = sums.tolist()
         out = {"valid_loss": loss_sum / ntok, "valid_nll": nll_sum / ntok, "valid_ppl": math.exp(min(nll_sum / ntok, 50))}
         if self.cfg.trainer.valid_bleu if bleu is None else bleu:
             split = self.data.splits["valid"]
@@ -458,7 +501,7 @@ class Trainer:
             "stage": self.stage,
             # the pretrained encoder is stored only when the policy ever trains part of it
             "model": model_weights(self.model, include_bert=self.policy.may_train(self.model, "bert.")),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state(self.optimizer),  # by parameter name: loads under any grouping
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch, "step": self.step, "metric": float(metric), "best_metric": float(self.best),
             "position": asdict(pos), "guard": self.guard.state_dict(),
@@ -480,6 +523,13 @@ class Trainer:
             for k in ("train_loss", "valid_loss", "valid_ppl", "valid_bleu", "tokens_per_s", "epoch_time_s", "peak_mem_mb"):
                 if k in rec:
                     self.writer.add_scalar(f"epoch/{k}", rec[k], rec["epoch"])
+
+
+def resolve_pad_multiple(pad_multiple: int, device: torch.device, compile: bool) -> int:
+    """``data.pad_multiple``, with 0 (auto) = 8 where static shapes pay (CUDA, torch.compile), else 1."""
+    if pad_multiple > 0:
+        return pad_multiple
+    return 8 if device.type == "cuda" or compile else 1
 
 
 def model_uses_bert(model: nn.Module) -> bool:

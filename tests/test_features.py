@@ -133,11 +133,12 @@ def test_encoder_untrained_follows_the_schedule(bert_path: str) -> None:
 
 
 def make_trainer(bert_path: str, data: PreparedData, freeze: FreezeConfig, run_dir: Path, epochs: int,
-                 cached: bool, compile: bool = False) -> tuple[Trainer, list[float], CountCalls]:
+                 cached: bool, compile: bool = False, pad_multiple: int = 0) -> tuple[Trainer, list[float], CountCalls]:
     model = fused_model(bert_path)
     policy = frozen_policy(model, freeze)
     stores = build_cache(model, data, policy) if cached else None
-    cfg = Config(model=TINY, freeze=freeze, optim=OptimConfig(lr=1e-3, warmup_steps=3), data=DataConfig(max_tokens=100),
+    cfg = Config(model=TINY, freeze=freeze, optim=OptimConfig(lr=1e-3, warmup_steps=3),
+                 data=DataConfig(max_tokens=100, pad_multiple=pad_multiple),
                  trainer=TrainerConfig(max_epochs=epochs, device="cpu", valid_bleu=False, tensorboard=False, progress=False,
                                        compile=compile))
     torch.manual_seed(123)
@@ -166,7 +167,8 @@ def test_cached_and_live_training_give_the_same_losses(bert_path: str, tmp_path:
     assert len(live_losses) == len(cached_losses) > 4
     np.testing.assert_allclose(cached_losses, live_losses, rtol=2e-3)
     for (name, a), b in zip(live.model.named_parameters(), cached.model.parameters()):
-        torch.testing.assert_close(b, a, rtol=0, atol=2e-3, msg=name)  # Adam moves a weight by <= ~lr = 1e-3 a step
+        # Adam moves a weight by <= ~lr = 1e-3 a step; fp16-rounded H_B may flip the sign of a few steps
+        torch.testing.assert_close(b, a, rtol=0, atol=3e-3, msg=name)
 
 
 def test_cache_is_never_served_once_the_encoder_trains(bert_path: str, tmp_path: Path,

@@ -19,6 +19,7 @@ from bertnmt.config import (BertConfig, Config, DataConfig, FreezeConfig, Freeze
 from bertnmt.data.prepare import PreparedData
 from bertnmt.errors import ConfigError
 from bertnmt.freeze import FreezePolicy
+from bertnmt.optim import load_optimizer_state, optimizer_state
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
 from bertnmt.training import Trainer, smoothed_loss
@@ -227,7 +228,7 @@ def test_unfreeze_trains_from_that_very_step_with_warmup(bert_path: str) -> None
         before = bert_snapshot(model)
         run_updates(model, policy, opt, range(step, step + 1))
         moved.append(any(not torch.equal(v, before[k]) for k, v in model.bert.state_dict().items()))
-        lrs.append(next(g["lr"] for g in opt.param_groups if g["name"] == word))
+        lrs.append(next(g["lr"] for g in opt.param_groups if word in g["names"]))
     assert moved == [False, False, True, True, True, True]
     assert lrs == pytest.approx([0.0, 0.0, 1e-2 * 0.5 / 3, 1e-2 * 0.5 * 2 / 3, 1e-2 * 0.5, 1e-2 * 0.5])
     assert model.bert.training and not model.bert.frozen
@@ -241,26 +242,35 @@ PRESET_POLICIES = [
 ]
 
 
-def test_optimizer_structure_is_policy_independent_and_resumes_across_policies(bert_path: str) -> None:
-    structures = []
+def test_optimizer_groups_are_freeze_classes_and_state_resumes_across_policies(bert_path: str) -> None:
     for cfg in PRESET_POLICIES:
         model = fused_model(bert_path)
         policy = FreezePolicy(cfg)
         policy.apply(model, epoch=1, step=0)
-        opt = torch.optim.AdamW(policy.param_groups(model, OptimConfig()), lr=1e-2)
-        structures.append([(g["name"], len(g["params"])) for g in opt.param_groups])
-    assert all(s == structures[0] for s in structures)
-    assert len(structures[0]) == len(list(model.parameters()))
-    # a checkpoint taken under `frozen` (no encoder state) loads into a `finetune` optimizer, which then trains it
-    model = fused_model(bert_path)
+        groups = policy.param_groups(model, OptimConfig())
+        names = [n for g in groups for n in g["names"]]
+        assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # every parameter, once
+        assert len(groups) < 20 < len(names)  # a handful of classes, not one group per tensor
+        for pos in policy.boundaries() + [policy.boundaries()[-1] + 1]:  # one class: one state at every position
+            trainable, mult = policy.state_at(pos)
+            for g in groups:
+                assert len({(trainable[n], mult[n]) for n in g["names"]}) == 1, (cfg.policy, pos, g["name"])
+    # a checkpoint taken under `frozen` (no encoder state) loads into a `gradual` optimizer, which then trains it
+    # (drop-net off: with p_net = 1 a step may skip every BERT branch, and then the encoder gets no gradient)
+    model = fused_model(bert_path, ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, drop_net=0.0))
     frozen = FreezePolicy(FreezeConfig(policy="frozen"))
     opt = torch.optim.AdamW(frozen.param_groups(model, OptimConfig()), lr=1e-2)
     run_updates(model, frozen, opt, range(0, 2))
-    state = opt.state_dict()
-    tuned = FreezePolicy(FreezeConfig(policy="finetune"))
+    state = optimizer_state(opt)
+    tuned = FreezePolicy(FreezeConfig(policy="gradual", every=1))  # one class per encoder layer
     opt2 = torch.optim.AdamW(tuned.param_groups(model, OptimConfig()), lr=1e-2)
-    opt2.load_state_dict(state)
+    assert len(opt2.param_groups) > len(opt.param_groups)  # another grouping
+    load_optimizer_state(opt2, state)
+    fc1 = model.encoder.layers[0].ffn.fc1.weight
+    assert torch.equal(opt2.state[fc1]["exp_avg"], opt.state[fc1]["exp_avg"])  # found by name
+    assert not any(p in opt2.state for p in model.bert.parameters())  # never trained: no state
     before = bert_snapshot(model)
+    tuned.apply(model, epoch=3)  # the top layers train from epoch 2
     run_updates(model, tuned, opt2, range(2, 3))
     assert any(not torch.equal(v, before[k]) for k, v in model.bert.state_dict().items())
 
@@ -373,7 +383,7 @@ def test_trainer_reports_each_epoch_and_logs_the_switch(bert_path: str, tmp_path
     assert set(recs[0]["params_by_group"]) == {"bert", "fusion", "encoder", "decoder", "embeddings"}
     assert recs[0]["active_rules"] == ["freeze.policy='unfreeze_after': group:bert frozen [1, 2)"]
     assert recs[1]["active_rules"] == ["freeze.policy='unfreeze_after': group:bert trains [2, inf) lr x1"]
-    lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}  # inverse sqrt x multiplier (1 here)
+    lrs = {n: g["lr"] for g in trainer.optimizer.param_groups for n in g["names"]}  # inverse sqrt x multiplier (1 here)
     assert lrs["bert.model.encoder.layer.0.output.dense.weight"] == lrs["encoder.layers.0.ffn.fc1.weight"] > 0
     switches = [m for m in caplog.messages if "freeze switch" in m]
     assert len(switches) == 1 and "epoch 2" in switches[0] and "bert 0/" not in switches[0]

@@ -1,10 +1,13 @@
 """BERT-fused model: shapes, masks, drop-net, freezing, warm start (tiny sizes, CPU)."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from bertnmt.config import BertConfig, ModelConfig
+from bertnmt.model.fusion import seed_drop_net
 from bertnmt.errors import ConfigError
 from bertnmt.model import (
     BertFusedTransformer,
@@ -104,16 +107,17 @@ def test_padding_invariance(bert_path, pre_ln):
 
 
 def test_drop_net_weights():
-    torch.manual_seed(0)
+    seed_drop_net(None)  # Python's global RNG (a Trainer built earlier in this process seeds a generator of its own)
+    random.seed(0)  # drawn on the host, from Python's RNG (no tensor read, so no host sync on a GPU)
     draws = {drop_net_weights(1.0, training=True) for _ in range(200)}
     assert draws == {(1.0, 0.0), (0.0, 1.0)}
     assert {drop_net_weights(0.0, training=True) for _ in range(50)} == {(0.5, 0.5)}
     assert {drop_net_weights(1.0, training=False) for _ in range(50)} == {(0.5, 0.5)}
     mixed = {drop_net_weights(0.5, training=True) for _ in range(400)}
     assert mixed == {(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)}
-    torch.manual_seed(3)
+    random.seed(3)
     a = [drop_net_weights(1.0, True) for _ in range(20)]
-    torch.manual_seed(3)
+    random.seed(3)
     assert a == [drop_net_weights(1.0, True) for _ in range(20)]
 
 
@@ -295,3 +299,28 @@ def test_trainer_precision_selects_autocast_and_rejects_typos() -> None:
     assert fp32.dtype == bf16.dtype == torch.float32  # the loss itself is summed in fp32
     assert bf16.item() != fp32.item()
     torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=0)
+
+
+def test_bf16_autocast_keeps_layer_norm_and_the_loss_in_fp32() -> None:
+    """Under bf16 autocast (the CPU's does not do this by itself) layer norm and the loss run in fp32; the
+    matrix products in bf16. The loss stays within bf16 rounding of the fp32 one."""
+    from bertnmt.model.layers import LayerNorm
+    from bertnmt.training import smoothed_loss
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.0, fused=False)
+    model = BertFusedTransformer(cfg, 50, 0, None).eval()
+    assert all(type(m) is LayerNorm for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    seen: list[torch.dtype] = []
+    for m in model.modules():
+        if isinstance(m, LayerNorm):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    src, tgt = torch.randint(4, 50, (3, 7)), torch.randint(4, 50, (3, 6))
+    ref, _ = smoothed_loss(model(src, tgt), tgt, 0, 0.1)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(src, tgt)  # (B, T, V)
+        loss, _ = smoothed_loss(logits, tgt, 0, 0.1)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert seen and set(seen) == {torch.float32}
+    assert abs(loss.item() - ref.item()) / ref.item() < 0.02

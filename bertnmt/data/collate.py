@@ -53,6 +53,10 @@ class Batch:
     bert_feats: Tensor | None  # (B, E, Hb) fp16 cached H_B, zero at padding; None = compute it live
     indices: Tensor  # (B,) positions of these sentences in the split
     ntokens: int  # non-pad target tokens (tgt_out != pad)
+    # the output layer's positions, found on the host so that selecting them on the device is a fixed-size
+    # gather: flat indexes (row * T + t) of the non-pad targets, padded with 0 to a multiple of 64 (N',)
+    out_idx: Tensor | None = None
+    out_tgt: Tensor | None = None  # (N',) long, their targets; pad_id at the padding (masked in the loss)
 
     def __len__(self) -> int:
         return self.src.size(0)
@@ -68,6 +72,8 @@ class Batch:
             bert_feats=opt(self.bert_feats),
             indices=fn(self.indices),
             ntokens=self.ntokens,
+            out_idx=opt(self.out_idx),
+            out_tgt=opt(self.out_tgt),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
@@ -78,10 +84,15 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
 
-def _pad(seqs: list[np.ndarray], pad_id: int, prefix: int | None = None, suffix: int | None = None) -> Tensor:
-    """Right-padded (B, L) long tensor of ``[prefix] + seq + [suffix]``."""
+OUT_MULTIPLE = 64  # output-layer positions are padded to a multiple of this (few distinct shapes)
+
+
+def _pad(seqs: list[np.ndarray], pad_id: int, prefix: int | None = None, suffix: int | None = None,
+         multiple: int = 1) -> Tensor:
+    """Right-padded (B, L) long tensor of ``[prefix] + seq + [suffix]``, L rounded up to a multiple of ``multiple``."""
     extra = (prefix is not None) + (suffix is not None)
     width = max(len(s) for s in seqs) + extra
+    width = -(-width // multiple) * multiple
     out = np.full((len(seqs), width), pad_id, dtype=np.int64)  # (B, L)
     start = 1 if prefix is not None else 0
     for row, seq in enumerate(seqs):
@@ -99,27 +110,43 @@ def collate(
     pad_id: int = SubwordVocab.pad_id,
     bos_id: int = SubwordVocab.bos_id,
     eos_id: int = SubwordVocab.eos_id,
+    pad_multiple: int = 1,
 ) -> Batch:
-    """Pad a list of samples into a :class:`Batch` (encoder fields None without encoder ids)."""
+    """Pad a list of samples into a :class:`Batch` (encoder fields None without encoder ids).
+
+    ``pad_multiple``: every length (S, T, E) is rounded up to a multiple of it, so that a training run sees
+    a few distinct shapes (what ``torch.compile`` and CUDA graphs need) at the cost of some padding."""
+    m = max(1, pad_multiple)
     indices, src, tgt, enc, feats = zip(*samples)
-    tgt_out = _pad(list(tgt), pad_id, suffix=eos_id)  # (B, T)
+    tgt_out = _pad(list(tgt), pad_id, suffix=eos_id, multiple=m)  # (B, T)
     enc_ids = enc_mask = None
     if enc[0] is not None:
         if enc_pad_id is None:
             raise ValueError("samples carry encoder ids: pass enc_pad_id")
-        enc_ids = _pad(list(enc), enc_pad_id)  # (B, E)
+        enc_ids = _pad(list(enc), enc_pad_id, multiple=m)  # (B, E)
         lengths = torch.tensor([len(e) for e in enc])  # (B,)
         enc_mask = (torch.arange(enc_ids.size(1))[None, :] < lengths[:, None]).long()  # (B, E)
-    bert_feats = pad_features(list(feats)) if enc_ids is not None and feats[0] is not None else None  # (B, E, Hb)
+    bert_feats = None
+    if enc_ids is not None and feats[0] is not None:
+        bert_feats = pad_features(list(feats), enc_ids.size(1))  # (B, E, Hb)
+    flat = tgt_out.view(-1).numpy()  # (B * T,)
+    idx = np.flatnonzero(flat != pad_id)  # (N,) on the host, from the collated arrays
+    n_out = -(-len(idx) // OUT_MULTIPLE) * OUT_MULTIPLE if m > 1 else len(idx)
+    out_idx = np.zeros(n_out, dtype=np.int64)  # (N',)
+    out_idx[: len(idx)] = idx
+    out_tgt = np.full(n_out, pad_id, dtype=np.int64)  # (N',)
+    out_tgt[: len(idx)] = flat[idx]
     return Batch(
-        src=_pad(list(src), pad_id, suffix=eos_id),  # (B, S)
-        tgt_in=_pad(list(tgt), pad_id, prefix=bos_id),  # (B, T)
+        src=_pad(list(src), pad_id, suffix=eos_id, multiple=m),  # (B, S)
+        tgt_in=_pad(list(tgt), pad_id, prefix=bos_id, multiple=m),  # (B, T)
         tgt_out=tgt_out,
         enc_ids=enc_ids,
         enc_mask=enc_mask,
         bert_feats=bert_feats,
         indices=torch.tensor(indices, dtype=torch.long),  # (B,)
-        ntokens=int((tgt_out != pad_id).sum()),
+        ntokens=len(idx),
+        out_idx=torch.from_numpy(out_idx),
+        out_tgt=torch.from_numpy(out_tgt),
     )
 
 
@@ -131,13 +158,14 @@ def make_loader(
     enc_pad_id: int | None,
     pin_memory: bool = False,
     features: FeatureStore | None = None,
+    pad_multiple: int = 1,
 ) -> DataLoader:
     """DataLoader of :class:`Batch` with a :class:`TokenBatchSampler` as ``loader.batch_sampler``.
 
     The encoder view is used when the split has ``enc_ids`` and ``enc_pad_id`` is given;
     ``enc_pad_id=None`` leaves it out (enc fields None, budget from source/target only).
     ``features``: the split's cached H_B, served as ``Batch.bert_feats`` (``loader.dataset.features = None``
-    switches it off).
+    switches it off). ``pad_multiple``: see :func:`collate`.
     """
     with_encoder = split.enc_ids is not None and enc_pad_id is not None
     sampler = TokenBatchSampler(
@@ -151,7 +179,7 @@ def make_loader(
     return DataLoader(
         PairDataset(split, with_encoder=with_encoder, features=features),
         batch_sampler=sampler,
-        collate_fn=partial(collate, enc_pad_id=enc_pad_id),
+        collate_fn=partial(collate, enc_pad_id=enc_pad_id, pad_multiple=pad_multiple),
         num_workers=0,
         pin_memory=pin_memory,
     )

@@ -78,9 +78,9 @@ class FeatureStore:
         self._served = 0
 
 
-def pad_features(feats: list[np.ndarray]) -> Tensor:
-    """Right-pad per-sentence features into one (B, E, Hb) fp16 tensor (zeros at the padding)."""
-    width = max(len(f) for f in feats)
+def pad_features(feats: list[np.ndarray], width: int = 0) -> Tensor:
+    """Right-pad per-sentence features into one (B, E, Hb) fp16 tensor (zeros at the padding), E >= ``width``."""
+    width = max(width, max(len(f) for f in feats))
     out = np.zeros((len(feats), width, feats[0].shape[1]), dtype=DTYPE)  # (B, E, Hb)
     for row, f in enumerate(feats):
         out[row, : len(f)] = f

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertnmt.config import ModelConfig
-from bertnmt.model.fusion import BertAttention, drop_net_weights
-from bertnmt.model.layers import KV, FeedForward, KVCache, MultiheadAttention, SinusoidalPositions
+from bertnmt.model.fusion import BertAttention, drop_net_mix, drop_net_weights, runs
+from bertnmt.model.layers import KV, FeedForward, KVCache, LayerNorm, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.variants import fused_layer_ids
 
 
@@ -106,17 +106,18 @@ class FusedDecoderLayer(nn.Module):
         super().__init__()
         C = cfg.d_model
         self.pre_ln, self.dropout, self.drop_net = cfg.pre_ln, cfg.dropout, cfg.drop_net
+        self.drop_net_on_device = False  # set_drop_net_on_device: draws as tensors, both branches computed
         self.self_attn = MultiheadAttention(C, cfg.heads, dropout=cfg.attn_dropout)
-        self.self_attn_ln = nn.LayerNorm(C)
+        self.self_attn_ln = LayerNorm(C)
         self.cross_attn = MultiheadAttention(C, cfg.heads, kdim=enc_dim, dropout=cfg.attn_dropout)
-        self.cross_attn_ln = nn.LayerNorm(C)
+        self.cross_attn_ln = LayerNorm(C)
         self.bert_attn = (
             BertAttention(C, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
         )
         self.stacked = bool(bert_dim) and cfg.fusion_combine == "stacked"
-        self.bert_attn_ln = nn.LayerNorm(C) if self.stacked else None
+        self.bert_attn_ln = LayerNorm(C) if self.stacked else None
         self.ffn = FeedForward(C, cfg.ffn_dim, cfg.dropout, cfg.act_dropout)
-        self.ffn_ln = nn.LayerNorm(C)
+        self.ffn_ln = LayerNorm(C)
 
     def _drop(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, self.training)
@@ -149,16 +150,18 @@ class FusedDecoderLayer(nn.Module):
             y = x + self._drop(self.bert_attn(h, bert_out, key_padding_mask=bert_pad, static_kv=bert_kv))
             x = y if pre else self.bert_attn_ln(y)  # (B, T, C)
         else:
-            if self.bert_attn is not None:
-                w1, w2 = drop_net_weights(self.drop_net, self.training)
-            else:
+            if self.bert_attn is None:
                 w1, w2 = 1.0, 0.0
+            elif self.drop_net_on_device:
+                w1, w2 = drop_net_mix(self.drop_net, self.training, x)
+            else:
+                w1, w2 = drop_net_weights(self.drop_net, self.training)
             h = self.cross_attn_ln(x) if pre else x
             y = x
-            if w1 != 0.0:
+            if runs(w1):
                 a = self.cross_attn(h, enc_out, key_padding_mask=src_pad, static_kv=cross_kv)
                 y = y + w1 * self._drop(a)
-            if w2 != 0.0:
+            if runs(w2):
                 a = self.bert_attn(h, bert_out, key_padding_mask=bert_pad, static_kv=bert_kv)
                 y = y + w2 * self._drop(a)
             x = y if pre else self.cross_attn_ln(y)  # (B, T, C)
@@ -186,7 +189,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(
             FusedDecoderLayer(cfg, fuse if i in which else None, enc_dim) for i in range(cfg.dec_layers)
         )
-        self.final_ln = nn.LayerNorm(cfg.d_model) if cfg.pre_ln else None
+        self.final_ln = LayerNorm(cfg.d_model) if cfg.pre_ln else None
 
     def init_state(
         self, enc_out: Tensor, src_pad: Tensor, bert_out: Tensor | None, bert_pad: Tensor | None

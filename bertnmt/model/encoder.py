@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertnmt.config import ModelConfig
-from bertnmt.model.fusion import BertAttention, drop_net_weights
-from bertnmt.model.layers import FeedForward, MultiheadAttention, SinusoidalPositions
+from bertnmt.model.fusion import BertAttention, drop_net_mix, drop_net_weights, runs
+from bertnmt.model.layers import FeedForward, LayerNorm, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.variants import fused_layer_ids
 
 
@@ -35,15 +35,16 @@ class FusedEncoderLayer(nn.Module):
         super().__init__()
         C = cfg.d_model
         self.pre_ln, self.dropout, self.drop_net = cfg.pre_ln, cfg.dropout, cfg.drop_net
+        self.drop_net_on_device = False  # set_drop_net_on_device: draws as tensors, both branches computed
         self.self_attn = MultiheadAttention(C, cfg.heads, dropout=cfg.attn_dropout)
-        self.self_attn_ln = nn.LayerNorm(C)
+        self.self_attn_ln = LayerNorm(C)
         self.bert_attn = (
             BertAttention(C, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
         )
         self.stacked = bool(bert_dim) and cfg.fusion_combine == "stacked"
-        self.bert_attn_ln = nn.LayerNorm(C) if self.stacked else None
+        self.bert_attn_ln = LayerNorm(C) if self.stacked else None
         self.ffn = FeedForward(C, cfg.ffn_dim, cfg.dropout, cfg.act_dropout)
-        self.ffn_ln = nn.LayerNorm(C)
+        self.ffn_ln = LayerNorm(C)
 
     def _sublayer(self, x: Tensor, ln: nn.Module, fn) -> Tensor:
         """One residual sublayer, post-LN ``LN(x + drop(fn(x)))`` or pre-LN ``x + drop(fn(LN(x)))``."""
@@ -64,15 +65,17 @@ class FusedEncoderLayer(nn.Module):
             x = self._sublayer(x, self.self_attn_ln, lambda h: self.self_attn(h, key_padding_mask=src_pad))
             x = self._sublayer(x, self.bert_attn_ln, lambda h: self.bert_attn(h, bert_out, key_padding_mask=bert_pad))
         else:
-            if self.bert_attn is not None:
-                w1, w2 = drop_net_weights(self.drop_net, self.training)
-            else:
+            if self.bert_attn is None:
                 w1, w2 = 1.0, 0.0
+            elif self.drop_net_on_device:
+                w1, w2 = drop_net_mix(self.drop_net, self.training, x)
+            else:
+                w1, w2 = drop_net_weights(self.drop_net, self.training)
             h = self.self_attn_ln(x) if self.pre_ln else x
             y = x
-            if w1 != 0.0:
+            if runs(w1):
                 y = y + w1 * F.dropout(self.self_attn(h, key_padding_mask=src_pad), self.dropout, self.training)
-            if w2 != 0.0:
+            if runs(w2):
                 a = self.bert_attn(h, bert_out, key_padding_mask=bert_pad)
                 y = y + w2 * F.dropout(a, self.dropout, self.training)
             x = y if self.pre_ln else self.self_attn_ln(y)  # (B, S, C)
@@ -98,7 +101,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(
             FusedEncoderLayer(cfg, fuse if i in which else None) for i in range(cfg.enc_layers)
         )
-        self.final_ln = nn.LayerNorm(cfg.d_model) if cfg.pre_ln else None
+        self.final_ln = LayerNorm(cfg.d_model) if cfg.pre_ln else None
 
     def forward(
         self,

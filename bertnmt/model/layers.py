@@ -129,6 +129,17 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in fp32 under any autocast, returning fp32 (the residual stream stays fp32).
+
+    CUDA's autocast already runs layer norm in fp32; the CPU's does not, so this makes bf16 training
+    normalise alike on every device. Same parameters and names as ``nn.LayerNorm``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class KVCache:
     """Keys and values of incremental self-attention, for one layer: (N, H, t, Dh) each.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -142,8 +143,9 @@ class BertFusedTransformer(nn.Module):
 
         state=None: teacher-forced full pass over ``tgt_in``. With a state: incremental step,
         ``tgt_in`` holds only the newest token(s) (B, 1); masks and keys come from the state
-        (``enc`` may be None) and the state advances. ``keep`` (B, T) bool: return only those
-        positions' logits (N, V), skipping the output layer at padding (training).
+        (``enc`` may be None) and the state advances. ``keep``: return only some positions' logits (N, V),
+        skipping the output layer at padding (training): a (B, T) bool mask, or (N,) long flat indexes
+        ``row * T + t`` (a fixed-size gather, no host sync; see ``Batch.out_idx``).
         """
         embed = self.embed_tokens if self.decoder_embed_tokens is None else self.decoder_embed_tokens
         tok = embed(tgt_in)  # (B, T, C)
@@ -153,8 +155,10 @@ class BertFusedTransformer(nn.Module):
             x = self.decoder(tok, enc.enc_out, enc.src_pad, enc.bert_out, enc.bert_pad)
         else:
             x = self.decoder(tok, None, None, state=state)
-        if keep is not None:
-            x = x[keep]  # (N, C)
+        if keep is not None and keep.dtype == torch.bool:
+            x = x[keep]  # (N, C); a data-dependent shape: the host waits for the device on a GPU
+        elif keep is not None:
+            x = x.flatten(0, 1).index_select(0, keep)  # (N', C): a fixed-size gather of flat positions
         return self._output(x)  # (B, T, V), or (N, V) with keep
 
     def forward(
@@ -164,7 +168,7 @@ class BertFusedTransformer(nn.Module):
         enc_ids: Tensor | None = None,  # (B, E)
         enc_mask: Tensor | None = None,  # (B, E)
         bert_out: tuple[Tensor, Tensor] | None = None,
-        keep: Tensor | None = None,  # (B, T) bool: logits only at these positions -> (N, V)
+        keep: Tensor | None = None,  # (B, T) bool, or (N',) long flat positions: logits only there -> (N, V)
     ) -> Tensor:
         return self.decode(tgt_in, self.encode(src, enc_ids, enc_mask, bert_out), keep=keep)  # (B, T, V)
 

