@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from bertnmt.config import Config, register_configs, to_config
-from bertnmt.errors import BertNMTError, ConfigError
+from bertnmt.errors import BertNMTError, ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,34 @@ def select_rows(names: str | Sequence[str] | None = None) -> list[Row]:
     return [r for r in ROWS if r.name in wanted]
 
 
+Job = tuple[Row, int]  # one run: a row with a seed
+
+
+def plan_jobs(rows: str | Sequence[str] | None, seeds: Sequence[int]) -> list[Job]:
+    """The runs of one call, in the order they run.
+
+    ``rows`` items are row names or ``name@seed``. With any ``@seed`` the runs follow the order given (a
+    plain name runs with each of ``seeds``), so the most important runs can come first; without, every
+    seed in turn runs all chosen rows in table order."""
+    items = [n.strip() for n in (rows.split(",") if isinstance(rows, str) else rows or []) if n.strip()]
+    if not any("@" in n for n in items):
+        selected = select_rows(rows)
+        return [(r, s) for s in seeds for r in selected]
+    jobs: list[Job] = []
+    for item in items:
+        name, _, seed = item.partition("@")
+        row = select_rows([name])[0]
+        try:
+            job_seeds = [int(seed)] if seed else list(seeds)
+        except ValueError:
+            raise ConfigError(f"--rows: {item!r} is not NAME or NAME@SEED (an integer seed)") from None
+        for k in job_seeds:
+            if (row, k) in jobs:
+                raise ConfigError(f"--rows: {row.name} with seed {k} is listed twice")
+            jobs.append((row, k))
+    return jobs
+
+
 def parse_seeds(text: str | None) -> Optional[list[int]]:
     """``"1,2,3"`` -> [1, 2, 3]; None -> None (the config's ``trainer.seed``)."""
     if text is None:
@@ -125,6 +153,23 @@ def row_dir(out: Path, row: str, seed: int) -> Path:
 
 def is_finished(path: Path) -> bool:
     return (Path(path) / "summary.json").is_file()
+
+
+def is_resumable(path: Path, cfg: Config) -> bool:
+    """An unfinished row folder that the same config continues (``trainer.resume=auto``): it holds a
+    ``config.yaml`` equal to ``cfg`` (output folder aside), so its checkpoints are this row's."""
+    from omegaconf import OmegaConf
+
+    from bertnmt.rundir import CONFIG, comparable, config_dict
+
+    saved = Path(path) / CONFIG
+    if not saved.is_file() or cfg.trainer.resume != "auto":
+        return False
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    except Exception:  # a torn or foreign file: not this row's run
+        return False
+    return comparable(old) == comparable(config_dict(cfg))  # type: ignore[arg-type]
 
 
 def _split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -219,51 +264,83 @@ def _run_inprocess(row: Row, seed: int, out: Path, overrides: Sequence[str]) -> 
     run(cfg)
 
 
+CONVERGE = ("trainer=converge",)  # conf/trainer/converge.yaml: early stopping, patience 2, at most 25 epochs
+
+
 def run_ablation(
     out: str | Path,
     rows: str | Sequence[str] | None = None,
     overrides: Sequence[str] = (),
     seeds: Optional[Sequence[int]] = None,
     launcher: str = "multirun",
+    converge: bool = False,
 ) -> Path:
-    """Run the rows that have not finished, then write the report; returns the path of ``ablations.md``.
+    """Run the runs that have not finished, then write the report; returns the path of ``ablations.md``.
 
+    rows: names (table order, every seed) or ``name@seed`` items (run in the order given; see :func:`plan_jobs`).
     overrides: passed to every row (``data=... trainer.max_epochs=1``); ``hydra.*`` ones to the multirun only.
     seeds: one run per row and seed (``trainer.seed``); None = the config's seed.
+    converge: train every row until its validation loss stops improving (``trainer=converge``, before ``overrides``).
+    Resumable: a finished run (``summary.json``) is skipped; an unfinished one of the same config continues
+    from its last checkpoint; an unfinished one of another config is removed and runs again.
     """
     from bertnmt.ablation_report import write_report
 
     if launcher not in LAUNCHERS:
         raise ConfigError(f"launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}")
     out = Path(out)
-    selected = select_rows(rows)
-    cfg_over, hydra_over = _split_overrides(overrides)
+    all_over = [*(CONVERGE if converge else ()), *overrides]
+    cfg_over, hydra_over = _split_overrides(all_over)
     seeds_given = seeds is not None
     if seeds is None:
-        seeds = [compose_row(selected[0], cfg_over).trainer.seed]
-    cfgs = compose_rows(selected, cfg_over, seeds)  # every row and override is checked before anything runs
-    for s in seeds:
+        first = plan_jobs(rows, [0])[0][0]
+        seeds = [compose_row(first, cfg_over).trainer.seed]
+    jobs = plan_jobs(rows, seeds)
+    selected = list(dict.fromkeys(r for r, _ in jobs))
+    job_seeds = list(dict.fromkeys(s for _, s in jobs))
+    cfgs = compose_rows(selected, cfg_over, job_seeds)  # every row and override is checked before anything runs
+    for s in job_seeds:
         check_shared_baseline({name: c for (name, seed), c in cfgs.items() if seed == s})
-    todo: dict[int, list[Row]] = {}
-    for s in seeds:
-        for r in selected:
-            path = row_dir(out, r.name, s)
-            if is_finished(path):
-                log.info("row %s seed %d: finished (%s), skipped", r.name, s, path)
-                continue
-            if path.exists():
-                log.warning("row %s seed %d: unfinished folder %s removed, the row runs again", r.name, s, path)
+    todo: list[Job] = []
+    for r, s in jobs:
+        path = row_dir(out, r.name, s)
+        if is_finished(path):
+            log.info("row %s seed %d: finished (%s), skipped", r.name, s, path)
+            continue
+        if path.exists():
+            if is_resumable(path, cfgs[r.name, s]):
+                log.info("row %s seed %d: unfinished folder %s of the same config: continues from its checkpoints",
+                         r.name, s, path)
+            else:
+                log.warning("row %s seed %d: unfinished folder %s of another config removed, the row runs again",
+                            r.name, s, path)
                 shutil.rmtree(path)
-            todo.setdefault(s, []).append(r)
+        todo.append((r, s))
     out.mkdir(parents=True, exist_ok=True)
-    for s, group in todo.items():
+    # consecutive runs with one seed share one multirun
+    groups: list[tuple[int, list[Row]]] = []
+    for r, s in todo:
+        if groups and groups[-1][0] == s:
+            groups[-1][1].append(r)
+        else:
+            groups.append((s, [r]))
+    failed: list[str] = []
+    for s, group in groups:
         log.info("seed %d: running %d row(s): %s", s, len(group), ", ".join(r.name for r in group))
         if launcher == "multirun":
             _launch_multirun(group, s, out, [*cfg_over, *hydra_over])
-        else:
-            for r in group:
+            continue
+        for r in group:
+            try:
                 _run_inprocess(r, s, out, cfg_over)
-    command = " ".join(["python scripts/ablate.py", f"--out {out}",
-                        *([] if rows is None else [f"--rows {','.join(r.name for r in selected)}"]),
+            except TrainingError as e:  # one diverged run does not stop an unattended sweep
+                log.error("row %s seed %d failed: %s; going on with the next run", r.name, s, e)
+                failed.append(f"{r.name}@{s} ({e})")
+    row_arg = rows if isinstance(rows, str) or rows is None else ",".join(rows)
+    command = " ".join(["python scripts/ablate.py", f"--out {out}", *(["--converge"] if converge else []),
+                        *([] if rows is None else [f"--rows {row_arg}"]),
                         *([f"--seeds {','.join(map(str, seeds))}"] if seeds_given else []), *overrides])
-    return write_report(out, command=command)
+    md = write_report(out, command=command, jobs=[(r.name, s) for r, s in jobs] if converge else None)
+    if failed:
+        raise TrainingError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; the report holds the others ({md})")
+    return md

@@ -34,6 +34,10 @@ class RowResult:
     total_params: Optional[int] = None
     baseline_bleu: Optional[float] = None  # the shared warm-start baseline's test BLEU, when it had one
     run_dirs: list[str] = field(default_factory=list)
+    own_epochs: list[int] = field(default_factory=list)  # epochs the row's own stage trained, per seed
+    best_epochs: list[Optional[int]] = field(default_factory=list)  # its best validation epoch, per seed
+    stops: list[str] = field(default_factory=list)  # why it ended: early_stop | max_epochs | max_steps, per seed
+    hyps: list[Optional[str]] = field(default_factory=list)  # its test hypothesis file, per seed
 
     @property
     def mean(self) -> Optional[float]:
@@ -65,6 +69,11 @@ def read_row(out: Path, row: Row) -> Optional[RowResult]:
             res.bleu.append(float(s["test_bleu"]))
             res.chrf.append(float(s.get("test_chrf", float("nan"))))
         res.epoch_time_s.append(float(s.get("mean_epoch_time_s", float("nan"))))
+        res.own_epochs.append(int(s.get("epochs", 0)))
+        res.best_epochs.append(s.get("best_epoch"))
+        res.stops.append(str(s.get("stop", "?")))
+        hyp = path / f"test.{stage}.hyp"
+        res.hyps.append(str(hyp) if hyp.is_file() and (path / "test.ref").is_file() else None)
         res.trainable_params, res.total_params = s.get("trainable_params"), s.get("total_params")
         base = summary.get("baseline") if stage != "baseline" else None
         if summary.get("warm_start"):
@@ -182,11 +191,19 @@ def _setup(results: list[RowResult]) -> list[str]:
     return lines
 
 
-def write_report(out: str | Path, command: Optional[str] = None) -> Path:
-    """Write ``<out>/ablations.md`` and ``<out>/ablations.png`` from the finished rows; returns the .md path."""
+def write_report(out: str | Path, command: Optional[str] = None,
+                 jobs: Optional[list[tuple[str, int]]] = None) -> Path:
+    """Write ``<out>/ablations.md`` and ``<out>/ablations.png`` from the finished rows; returns the .md path.
+
+    jobs: the (row, seed) runs of a converged sweep: the report then also holds its table
+    (:func:`bertnmt.convergence_report.converged_table`, runs not finished shown as pending)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = collect(out)
+    if jobs is not None:
+        from bertnmt.convergence_report import write_converged
+
+        write_converged(out, jobs, command)
     missing = [r.name for r in ROWS if r.name not in {x.row.name for x in results}]
     png = plot_deltas(results, out / "ablations.png")
     parts = ["# Ablations", ""]

@@ -155,6 +155,18 @@ class OptimConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Stop a stage once its validation metric has not improved for ``patience`` epochs in a row.
+
+    ``trainer.max_epochs`` (and ``max_steps``) stay the cap. With early stopping on, the stage's best
+    checkpoint is chosen by the same metric. Read by :func:`bertnmt.early_stop.early_stop_epoch`."""
+
+    patience: int = 0  # 0 = off: train to trainer.max_epochs
+    metric: str = "loss"  # loss (validation label-smoothed loss, lower is better) | bleu (greedy validation BLEU)
+    min_delta: float = 0.0  # an epoch improves only when it beats the best so far by more than this
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 10
     max_steps: int = 0  # 0 = no limit
@@ -175,6 +187,7 @@ class TrainerConfig:
     progress: bool = True
     compile: bool = False  # torch.compile the model for training (worth it on a GPU; see docs/benchmarks.md)
     dist_timeout_min: int = 60  # torchrun: how long a rank waits for the others (e.g. rank 0's data preparation)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
 
 @dataclass
@@ -203,6 +216,9 @@ class WarmStartConfig:
     # warm_start.max_epochs + trainer.max_epochs (and max_steps likewise), the epochs of baseline + fused stage
     # together. The ablations' from-scratch rows use "total", so they train as long as the warm-started rows.
     scratch_budget: str = "stage"
+    # Also train the plain Transformer continued from the same warm start for exactly as many updates as
+    # the fused stage made (stage "transformer"), so that the run's summary compares equal budgets.
+    compare: bool = False
 
 
 @dataclass
@@ -278,6 +294,10 @@ def check_values(cfg: Config) -> None:
     _require(t.keep_last >= 0, "trainer.keep_last", t.keep_last, "must not be negative")
     _require(t.max_nonfinite_in_row >= 0, "trainer.max_nonfinite_in_row", t.max_nonfinite_in_row,
              "must not be negative (0 = never stop)")
+    es = t.early_stop
+    _require(es.metric in ("loss", "bleu"), "trainer.early_stop.metric", es.metric, "is not one of loss, bleu")
+    _require(es.patience >= 0, "trainer.early_stop.patience", es.patience, "must not be negative (0 = off)")
+    _require(es.min_delta >= 0, "trainer.early_stop.min_delta", es.min_delta, "must not be negative")
     _require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device)), "trainer.device", t.device,
              "is not one of auto, cpu, cuda, cuda:N")
     _require(e.beam >= 1, "eval.beam", e.beam, "must be at least 1")

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from bertnmt import atomic, distributed  # distributed: torchrun; no-ops in one process
 from bertnmt.checkpoint import load_checkpoint, warm_start
-from bertnmt.config import Config, FreezeConfig, TrainerConfig, check_device, check_values
+from bertnmt.config import Config, EarlyStopConfig, FreezeConfig, TrainerConfig, check_device, check_values
 from bertnmt.data.collate import make_loader
 from bertnmt.data.corpora import corpus_fingerprint
 from bertnmt.data.features import FeatureStore, feature_cache
@@ -39,6 +39,7 @@ from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder, check_tokenizer
 from bertnmt.results import append_jsonl
 from bertnmt.rundir import CONFIG, open_run_dir, release, save_config, stage_marker
+from bertnmt.early_stop import best_epoch
 from bertnmt.training import StageResult, Trainer, load_best
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,13 @@ def baseline_key(cfg: Config, data: PreparedData) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def checkpoint_metric(t: TrainerConfig) -> EarlyStopConfig:
+    """The validation metric that picks a stage's best checkpoint (as in ``Trainer._run_epoch``)."""
+    if t.early_stop.patience:
+        return t.early_stop
+    return EarlyStopConfig(metric="bleu" if t.valid_bleu else "loss")
+
+
 def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result: StageResult, run_dir: Path,
                  enc_pad_id: int | None, features: FeatureStore | None = None) -> dict[str, Any]:
     """Load the stage's best checkpoint, decode the test split with beam search, score it."""
@@ -130,6 +138,9 @@ def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result
         "trainable_params": result.epochs[-1]["trainable_params"] if result.epochs else None,
         "total_params": result.epochs[-1]["total_params"] if result.epochs else None,
         "checkpoint": str(result.best_path),
+        "steps": int(result.epochs[-1]["step"]) if result.epochs else 0,
+        "stop": result.stop,  # max_epochs | max_steps | early_stop
+        "best_epoch": best_epoch(result.epochs, checkpoint_metric(cfg.trainer)),
     }
     if not cfg.eval.test or not distributed.is_main():  # issue 7b: the test decode on rank 0 only
         return out
@@ -239,7 +250,9 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
         cfg,
         model=replace(cfg.model, fused=False),
         freeze=FreezeConfig(policy="finetune"),  # the warm-start baseline trains everything, whatever the fused policy
-        trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps),
+        # a fixed budget: early stopping would make the cached baseline depend on a setting its key leaves out
+        trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps,
+                        early_stop=EarlyStopConfig()),
     )
     summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": asdict(bcfg.model)}, None, explicit=explicit)
     if distributed.is_main():  # rank 0 fills the cache, the others wait for it
@@ -248,6 +261,72 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
         write_json(summary_path, summary)
     distributed.barrier()
     return ckpt, summary
+
+
+CONTINUED_VERSION = 1
+
+
+def continued_key(cfg: Config, data: PreparedData, warm: str, steps: int) -> str:
+    """Everything that determines the Transformer continued from ``warm`` for ``steps`` updates: the warm
+    start's bytes, the baseline's inputs (:func:`baseline_key`), the update count and the test decoding."""
+    with open(warm, "rb") as fh:
+        warm_sha = hashlib.file_digest(fh, "sha256").hexdigest()
+    spec = {"version": CONTINUED_VERSION, "baseline": baseline_key(cfg, data), "warm": warm_sha, "steps": steps,
+            "eval": asdict(cfg.eval), "valid_bleu": cfg.trainer.valid_bleu, "valid_max_sents": cfg.trainer.valid_max_sents}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_continued(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[str, Any], warm: str, steps: int,
+                     explicit: Explicit = None) -> dict[str, Any]:
+    """The plain Transformer continued from the same warm start for exactly ``steps`` updates (stage
+    "transformer"): the equal-budget counterpart of the fused stage. Cached like the baseline, with its
+    test hypotheses, under ``<data.cache_dir>/continued/<key>/``."""
+    key = continued_key(cfg, data, warm, steps)
+    cache = Path(cfg.data.cache_dir) / "continued" / key
+    hyp_name = "test.transformer.hyp"
+    summary_path = cache / "summary.json"
+    if summary_path.is_file() and (not cfg.eval.test or (cache / hyp_name).is_file()):
+        log.info("reusing the cached continued Transformer %s (same warm start, %d updates)", cache, steps)
+        if cfg.eval.test and distributed.is_main():
+            atomic.copy_file(cache / hyp_name, run_dir / hyp_name)
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        return {**summary, "reused_from": str(cache)}
+    log.info("training the plain Transformer from the same warm start for %d updates (equal budget; cached as %s)",
+             steps, cache)
+    tcfg = replace(
+        cfg,
+        model=replace(cfg.model, fused=False),
+        freeze=FreezeConfig(policy="finetune"),
+        # the fused stage's update count is the budget; the epoch cap only has to be out of its way
+        trainer=replace(cfg.trainer, max_steps=steps, max_epochs=max(1, steps) * cfg.trainer.accum_steps + 1,
+                        early_stop=EarlyStopConfig()),
+    )
+    summary = train_stage(tcfg, data, run_dir, "transformer", {**meta, "model": asdict(tcfg.model)}, None, warm,
+                          explicit)
+    if distributed.is_main():
+        atomic.remove_stale_temps(cache)
+        if (run_dir / hyp_name).is_file():
+            atomic.copy_file(run_dir / hyp_name, cache / hyp_name)  # the hypotheses first: the summary marks it complete
+        write_json(summary_path, summary)
+    distributed.barrier()
+    return summary
+
+
+def equal_budget(summary: dict[str, Any], run_dir: Path, tgt_lang: str) -> dict[str, Any] | None:
+    """The fused stage against the continued Transformer: updates, test BLEU/chrF and sacreBLEU's paired
+    bootstrap on their test hypotheses (None when either was not decoded)."""
+    from bertnmt.significance import compare_files
+
+    fused, plain = summary.get("fused"), summary.get("transformer")
+    if not fused or not plain or "test_bleu" not in fused or "test_bleu" not in plain:
+        return None
+    out: dict[str, Any] = {"updates": {"fused": fused["steps"], "transformer": plain["steps"]},
+                           "bleu_delta": round(fused["test_bleu"] - plain["test_bleu"], 2),
+                           "chrf_delta": round(fused["test_chrf"] - plain["test_chrf"], 2)}
+    files = [run_dir / "test.ref", run_dir / "test.transformer.hyp", run_dir / "test.fused.hyp"]
+    if all(f.is_file() for f in files):
+        out["paired_bootstrap"] = compare_files(*files, tgt_lang=tgt_lang)
+    return out
 
 
 def scratch_trainer(cfg: Config, data: PreparedData) -> TrainerConfig:
@@ -386,6 +465,10 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer |
     stage = "fused" if cfg.model.fused else ("transformer" if warm else "baseline")
     scfg = cfg if warm else replace(cfg, trainer=scratch_trainer(cfg, data))
     summary[stage] = train_stage(scfg, data, run_dir, stage, meta, enc_pad_id, warm, explicit)
+    if cfg.model.fused and warm and cfg.warm_start.compare:
+        summary["transformer"] = ensure_continued(cfg, data, run_dir, meta, warm, summary["fused"]["steps"], explicit)
+        if distributed.is_main():
+            summary["equal_budget"] = equal_budget(summary, run_dir, cfg.data.tgt_lang)
     summary["warm_start"] = warm
     summary["final_stage"] = stage
     summary["total_time_s"] = round(time.perf_counter() - start, 1)
@@ -405,20 +488,40 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer |
     return summary
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    base, fused = summary.get("baseline"), summary.get("fused") or summary.get("transformer")
-    second = "BERT-fused" if "fused" in summary else "Transformer (continued)"
-    rows = [("baseline (Transformer)", base), (second, fused)]
-    lines = [f"{'model':<24} {'test BLEU':>9} {'chrF':>6} {'epoch s':>8} {'tok/s':>7} {'trainable/total':>22}"]
+def summary_text(summary: dict[str, Any]) -> str:
+    """The table printed at the end of a run; with ``warm_start.compare`` the equal-budget comparison first."""
+    base, plain, fused = summary.get("baseline"), summary.get("transformer"), summary.get("fused")
+    rows = [("warm-start baseline", base), ("Transformer (continued)", plain), ("BERT-fused", fused)]
+    lines = [f"{'model':<24} {'updates':>7} {'test BLEU':>9} {'chrF':>6} {'epoch s':>8} {'tok/s':>7} {'trainable/total':>22}"]
     for label, s in rows:
         if not s:
             continue
         params = f"{s.get('trainable_params') or 0:,}/{s.get('total_params') or 0:,}"
-        lines.append(f"{label:<24} {s.get('test_bleu', float('nan')):>9.2f} {s.get('test_chrf', float('nan')):>6.2f} "
-                     f"{s['mean_epoch_time_s']:>8.1f} {s['tokens_per_s']:>7.0f} {params:>22}")
+        steps = s.get("steps")
+        lines.append(f"{label:<24} {steps if steps is not None else '?':>7} {s.get('test_bleu', float('nan')):>9.2f} "
+                     f"{s.get('test_chrf', float('nan')):>6.2f} {s['mean_epoch_time_s']:>8.1f} {s['tokens_per_s']:>7.0f} "
+                     f"{params:>22}")
+    eq = summary.get("equal_budget")
+    if eq:
+        u = eq["updates"]
+        lines.append(f"equal budget: BERT-fused and the Transformer both continue the same warm start for "
+                     f"{u['fused']:,} / {u['transformer']:,} updates: BLEU {eq['bleu_delta']:+.2f}, chrF {eq['chrf_delta']:+.2f}")
+        if "paired_bootstrap" in eq:
+            b = eq["paired_bootstrap"]["bleu"]
+            lines.append(f"paired bootstrap ({eq['paired_bootstrap']['n_samples']} resamples): p = {b['p_value']:.4f}; "
+                         f"95% CI BLEU fused [{b['system_ci'][0]:.2f}, {b['system_ci'][1]:.2f}], "
+                         f"Transformer [{b['baseline_ci'][0]:.2f}, {b['baseline_ci'][1]:.2f}]")
+    elif base and fused:
+        lines.append("not an equal budget: the fused model trained after the baseline's epochs "
+                     "(warm_start.compare=true adds the Transformer continued for as many updates)")
     if "epoch_time_ratio" in summary:
         lines.append(f"epoch-time ratio fused / baseline: {summary['epoch_time_ratio']:.2f}")
-    if (last := fused or base) and "bleu_signature" in last:
+    last = summary.get(summary.get("final_stage", "")) or fused or plain or base
+    if last and "bleu_signature" in last:
         lines.append(f"sacreBLEU: {last['bleu_signature']}")
     lines.append(f"total time {summary['total_time_s']:.0f} s; run directory {summary['run_dir']}")
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(summary_text(summary))

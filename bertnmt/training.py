@@ -32,6 +32,7 @@ from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import PreparedData
 from bertnmt.decoding import decode_split, options_from_eval
 from bertnmt.devices import autocast, peak_memory_mb, pick_device
+from bertnmt.early_stop import best_epoch, check_early_stop, early_stop_epoch, monitored
 from bertnmt.errors import CheckpointError, ConfigError, TrainingInterrupted
 from bertnmt.faults import StopSignal, UpdateGuard
 from bertnmt.freeze import FreezePolicy
@@ -93,6 +94,7 @@ class StageResult:
     stage: str
     best_path: Path
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    stop: str = "max_epochs"  # why training ended: max_epochs | max_steps | early_stop
 
     @property
     def mean_epoch_time(self) -> float:
@@ -130,6 +132,7 @@ class Trainer:
         autocast(self.device, cfg.trainer.precision)  # a bad trainer.precision fails here, before any work
         if cfg.trainer.valid_bleu_every < 1:
             raise ConfigError(f"trainer.valid_bleu_every={cfg.trainer.valid_bleu_every} must be at least 1")
+        check_early_stop(cfg.trainer.early_stop, cfg.trainer.valid_bleu, cfg.trainer.valid_bleu_every)
         self.model.to(self.device)
         # the training forward; the same module (same parameters) when compiled, so state dicts are unchanged.
         # Compiled as one graph: drop-net is then drawn on the device (no data-dependent branch)
@@ -411,19 +414,36 @@ class Trainer:
         try:
             with self.stop:
                 for epoch in range(self.start_epoch, t.max_epochs + 1):
+                    if self._stops_early(result):  # also when resumed after the deciding epoch
+                        break
                     if t.max_steps and self.step >= t.max_steps and self._resume_pos is None:
+                        result.stop = "max_steps"
                         break
                     self._run_epoch(epoch, result)
                     if self.stop.requested:
                         raise TrainingInterrupted(self.stop.signum, self.step, str(self.ckpt_dir / LAST))
                     if t.max_steps and self.step >= t.max_steps:
+                        result.stop = "max_steps"
                         break
+                else:
+                    self._stops_early(result)  # the cap was reached: was the last epoch also the stopping one?
         finally:
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
         distributed.barrier()  # issue 7b: rank 0's checkpoints exist before any rank loads them
         return result
+
+    def _stops_early(self, result: StageResult) -> bool:
+        es = self.cfg.trainer.early_stop
+        at = early_stop_epoch(result.epochs, es)
+        if at is None:
+            return False
+        if result.stop != "early_stop":
+            log.info("[%s] early stop after epoch %d: valid %s has not improved by more than %g for %d epoch(s); "
+                     "best epoch %s", self.stage, at, es.metric, es.min_delta, es.patience, best_epoch(result.epochs, es))
+        result.stop = "early_stop"
+        return True
 
     def _run_epoch(self, epoch: int, result: StageResult) -> None:
         """Train, validate, record and checkpoint one epoch."""
@@ -437,8 +457,11 @@ class Trainer:
         result.epochs.append(rec)
         self._record(rec)
         self._log_epoch(rec)
-        # with valid BLEU on, only the epochs that computed it compete for the best checkpoint
-        metric = va.get("valid_bleu", math.nan) if self.cfg.trainer.valid_bleu else -va["valid_loss"]
+        es = self.cfg.trainer.early_stop
+        if es.patience:  # the best checkpoint follows the early-stopping metric
+            metric = monitored(rec, es.metric)
+        else:  # with valid BLEU on, only the epochs that computed it compete for the best checkpoint
+            metric = va.get("valid_bleu", math.nan) if self.cfg.trainer.valid_bleu else -va["valid_loss"]
         improved = metric > self.best  # False for nan
         self.best = max(self.best, metric) if improved else self.best
         self._save(epoch, EpochPosition(epoch_done=True), metric, best=improved)

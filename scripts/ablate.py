@@ -1,9 +1,12 @@
 """Run the paper's ablation table and write its report (see README, "Reproducing the paper's ablations").
 
     python scripts/ablate.py [--rows a,b] [--seeds 1,2,3] [--out runs/ablations] [OVERRIDE ...]
-    python scripts/ablate.py --report-only [--out runs/ablations]
+    python scripts/ablate.py --converge --rows transformer@1,fused@1,transformer@2 --out runs/converged
+    python scripts/ablate.py --report-only [--out runs/ablations] [--converge --rows ... --doc docs/reproduction.md]
 
-OVERRIDEs (``trainer.max_epochs=1``, ``model=iwslt``, ...) go to every row. Finished rows are skipped.
+OVERRIDEs (``trainer.max_epochs=1``, ``model=iwslt``, ...) go to every row. Finished runs are skipped; an
+interrupted run continues from its last checkpoint. ``--converge`` trains every row until its validation
+loss stops improving (conf/trainer/converge.yaml); ``NAME@SEED`` items run in the order given.
 """
 from __future__ import annotations
 
@@ -11,30 +14,49 @@ import argparse
 import logging
 import sys
 
-from bertnmt.ablation import LAUNCHERS, ROWS, parse_seeds, run_ablation
+from bertnmt.ablation import LAUNCHERS, ROWS, parse_seeds, plan_jobs, run_ablation
 from bertnmt.ablation_report import write_report
-from bertnmt.errors import BertNMTError
+from bertnmt.errors import BertNMTError, ConfigError, TrainingInterrupted
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every row, e.g. trainer.max_epochs=1")
-    p.add_argument("--rows", default=None, help=f"comma-separated rows (default: all): {', '.join(r.name for r in ROWS)}")
+    p.add_argument("--rows", default=None,
+                   help=f"comma-separated rows or ROW@SEED (default: all): {', '.join(r.name for r in ROWS)}")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (mean and spread); default: the config's")
-    p.add_argument("--out", default="runs/ablations", help="the ablation folder (default: runs/ablations)")
+    p.add_argument("--out", default=None, help="the ablation folder (default: runs/ablations, with --converge runs/converged)")
     p.add_argument("--launcher", default="multirun", choices=LAUNCHERS, help="multirun (default) or inprocess")
-    p.add_argument("--report-only", action="store_true", help="only rebuild ablations.md/png from the folder")
+    p.add_argument("--converge", action="store_true",
+                   help="train each row to convergence (early stopping; trainer=converge) and write converged.md")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report(s) from the folder")
+    p.add_argument("--doc", default=None, help="with --converge: also put the table into this Markdown file "
+                   "(between its converged-table markers)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    out = args.out or ("runs/converged" if args.converge else "runs/ablations")
     try:
+        if args.doc and not args.converge:
+            raise ConfigError("--doc needs --converge (it holds the converged table)")
+        seeds = parse_seeds(args.seeds)
         if args.report_only:
-            md = write_report(args.out)
+            jobs = ([(r.name, s) for r, s in plan_jobs(args.rows, seeds or [1])] if args.converge else None)
+            md = write_report(out, jobs=jobs)
         else:
-            md = run_ablation(args.out, args.rows, args.overrides, parse_seeds(args.seeds), args.launcher)
+            md = run_ablation(out, args.rows, args.overrides, seeds, args.launcher, converge=args.converge)
+        if args.doc:
+            from bertnmt.convergence_report import converged_table, update_doc
+
+            update_doc(args.doc, converged_table(out, [(r.name, s) for r, s in plan_jobs(args.rows, seeds or [1])]))
     except BertNMTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # SIGTERM / SIGINT: the run saved a checkpoint; the same command resumes
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + e.signum
     print(f"report: {md} (plot: {md.with_suffix('.png')})")
+    if args.converge:
+        print(f"converged table: {md.with_name('converged.md')}")
     return 0
 
 

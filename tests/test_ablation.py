@@ -262,3 +262,189 @@ def test_toy_table_runs_every_row_through_multirun_and_resumes(tmp_path: Path, t
             assert p.stat().st_mtime_ns == t, p
     assert re.search(r"\| stacked instead of averaged attentions \| `ablation/stacked` \| warm start \| 1\+1 \| \d+\.\d\d \|",
                      (out / "ablations.md").read_text())
+
+
+# -- the converged sweep ------------------------------------------------------------------------
+def test_early_stopping_rule_is_a_function_of_the_epoch_records() -> None:
+    from bertnmt.config import EarlyStopConfig
+    from bertnmt.early_stop import best_epoch, check_early_stop, early_stop_epoch
+
+    recs = [{"epoch": i + 1, "valid_loss": v, "valid_bleu": b}
+            for i, (v, b) in enumerate([(3.0, 10), (2.5, 12), (2.49, 11), (2.6, 13), (2.7, 12.5)])]
+    loss = EarlyStopConfig(patience=2, metric="loss")
+    assert early_stop_epoch(recs[:4], loss) is None and early_stop_epoch(recs, loss) == 5
+    assert best_epoch(recs, loss) == 3
+    # min_delta: 2.49 is not an improvement of more than 0.05 on 2.5, so epochs 3 and 4 both count as bad
+    coarse = EarlyStopConfig(patience=2, metric="loss", min_delta=0.05)
+    assert early_stop_epoch(recs, coarse) == 4 and best_epoch(recs, coarse) == 2
+    bleu = EarlyStopConfig(patience=2, metric="bleu")
+    assert early_stop_epoch(recs, bleu) is None and best_epoch(recs, bleu) == 4
+    assert early_stop_epoch(recs, EarlyStopConfig(patience=0)) is None  # off
+    assert early_stop_epoch(recs, EarlyStopConfig(patience=1, metric="bleu")) == 3
+    for bad, match in ((EarlyStopConfig(metric="ppl"), "metric='ppl'"), (EarlyStopConfig(patience=-1), "patience=-1"),
+                       (EarlyStopConfig(patience=2, metric="bleu"), "needs trainer.valid_bleu")):
+        with pytest.raises(ConfigError, match=match):
+            check_early_stop(bad, valid_bleu=False)
+
+
+def test_converge_preset_and_job_order() -> None:
+    from bertnmt.ablation import plan_jobs
+
+    cfg = compose_row(ROW_BY_NAME["fused"], ["trainer=converge"])
+    es = cfg.trainer.early_stop
+    assert (es.patience, es.metric, cfg.trainer.max_epochs, cfg.trainer.save_every_steps) == (2, "loss", 25, 200)
+    jobs = plan_jobs("transformer@1,fused@1,transformer@2,fused@2,dropnet_00@1,finetune,no_warm_start@1", [1])
+    assert [(r.name, s) for r, s in jobs] == [("transformer", 1), ("fused", 1), ("transformer", 2), ("fused", 2),
+                                              ("dropnet_00", 1), ("finetune", 1), ("no_warm_start", 1)]
+    assert [(r.name, s) for r, s in plan_jobs("fused,transformer", [1, 2])] == [
+        ("transformer", 1), ("fused", 1), ("transformer", 2), ("fused", 2)]  # without @: seed-major, table order
+    for bad, match in (("fused@x", "NAME@SEED"), ("fused@1,fused@1", "listed twice"), ("fusd@1", "unknown row")):
+        with pytest.raises(ConfigError, match=match):
+            plan_jobs(bad, [1])
+
+
+def _hyps(out: Path, row: str, seed: int, refs: list[str], hyps: list[str]) -> None:
+    d = row_dir(out, row, seed)
+    (d / "test.ref").write_text("".join(r + "\n" for r in refs))
+    stage = "transformer" if row == "transformer" else "fused"
+    (d / f"test.{stage}.hyp").write_text("".join(h + "\n" for h in hyps))
+    summary = json.loads((d / "summary.json").read_text())
+    summary[stage].update(best_epoch=4, epochs=6, stop="early_stop", test_chrf=50.0 + seed)
+    (d / "summary.json").write_text(json.dumps(summary))
+
+
+def test_converged_table_with_pending_rows_and_paired_bootstrap(tmp_path: Path) -> None:
+    from bertnmt.convergence_report import END, START, converged_table, update_doc
+    from bertnmt.significance import paired_bootstrap
+
+    refs = [f"ein hund spielt im park nummer {i}" for i in range(200)]
+    weak = [r if i % 3 else "ein hund" for i, r in enumerate(refs)]
+    strong = [r if i % 7 else "ein hund" for i, r in enumerate(refs)]
+    for seed in (1, 2):
+        _fake_run(tmp_path, "transformer", seed, 20.0 + seed)
+        _hyps(tmp_path, "transformer", seed, refs, weak)
+    _fake_run(tmp_path, "fused", 1, 25.0)
+    _hyps(tmp_path, "fused", 1, refs, strong)
+    jobs = [("transformer", 1), ("fused", 1), ("transformer", 2), ("fused", 2), ("dropnet_00", 1)]
+    table = converged_table(tmp_path, jobs)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    expect = paired_bootstrap(refs, weak, strong, "de")["bleu"]
+    assert expect["p_value"] < 0.01 and expect["system"] > expect["baseline"]
+    fused = lines["BERT-fused: frozen, drop-net 1.0, warm start"]
+    lo, hi = expect["system_ci"]
+    assert (f"| warm start | 1/2 (s1) | 25.00 | 51.00 | +3.50 | +1.88 | 4/6 | {expect['p_value']:.3f} (s1) "
+            f"| [{lo:.2f}, {hi:.2f}] (s1) |") in fused
+    lo, hi = expect["baseline_ci"]  # the reference row's own interval
+    assert (f"| continued | 2/2 (s1, s2) | 21.50 ± 0.71 | 51.50 ± 0.71 | +0.00 | +0.00 | 4/6, 4/6 | (reference) "
+            f"| [{lo:.2f}, {hi:.2f}] (s1); [{lo:.2f}, {hi:.2f}] (s2) |") in lines["Transformer (no pretrained encoder)"]
+    assert "| warm start | 0/1 | pending |" in lines["drop-net p_net = 0.0"]
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# x\n\n{START}\nold\n{END}\n\ntail\n")
+    update_doc(doc, table)
+    assert doc.read_text() == f"# x\n\n{START}\n{table}\n{END}\n\ntail\n"
+    # the script rebuilds the same table into a document
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("ablate_script", ROOT / "scripts" / "ablate.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc.write_text(f"# x\n\n{START}\nold\n{END}\n")
+    rows = ",".join(f"{n}@{s}" for n, s in jobs)
+    assert mod.main(["--report-only", "--converge", "--rows", rows, "--out", str(tmp_path), "--doc", str(doc)]) == 0
+    assert doc.read_text() == f"# x\n\n{START}\n{table}\n{END}\n"
+    assert "Pending: fused@2, dropnet_00@1." in (tmp_path / "converged.md").read_text()
+    assert mod.main(["--report-only", "--out", str(tmp_path), "--doc", str(doc)]) == 2  # --doc needs --converge
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(ConfigError, match="no <!-- converged-table:start"):
+        update_doc(bare, table)
+
+
+def test_an_unfinished_row_of_the_same_config_is_kept(tmp_path: Path) -> None:
+    from bertnmt.ablation import is_resumable
+    from bertnmt.rundir import save_config
+
+    cfg = compose_row(ROW_BY_NAME["fused"], ["trainer=converge"], seed=2)
+    d = row_dir(tmp_path, "fused", 2)
+    d.mkdir(parents=True)
+    assert not is_resumable(d, cfg)  # no config.yaml: nothing to continue
+    cfg.output_dir = str(d)
+    save_config(cfg, d)
+    other = compose_row(ROW_BY_NAME["fused"], ["trainer=converge"], seed=2)  # output_dir differs: ignored
+    assert is_resumable(d, other)
+    assert not is_resumable(d, compose_row(ROW_BY_NAME["fused"], ["trainer=converge"], seed=3))
+    assert not is_resumable(d, compose_row(ROW_BY_NAME["fused"], ["trainer=converge", "trainer.resume=never"], seed=2))
+
+
+@pytest.mark.slow
+def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Path, tiny_bert6: str, monkeypatch,
+                                                                  caplog) -> None:
+    import logging
+
+    from bertnmt.training import Trainer
+
+    custom = write_toy_corpus(tmp_path / "corpus")
+    overrides = custom_overrides(custom) + [
+        "model=tiny", f"bert.path={tiny_bert6}", "bert.name=tiny-bert", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.vocab_size=100", "data.max_tokens=400", "warm_start.max_epochs=1", "trainer.max_epochs=4",
+        "trainer.progress=false", "trainer.tensorboard=false", "optim.warmup_steps=10", "optim.lr=3e-3", "eval.beam=2",
+        # every epoch after the first counts as no improvement: each row stops after 1 + patience epochs
+        "trainer.early_stop.min_delta=100", "trainer.early_stop.patience=1", "trainer.save_every_steps=3",
+    ]
+    out = tmp_path / "converged"
+    rows = "transformer@1,fused@1,transformer@2"
+    original = Trainer._save
+    killed = []
+
+    def save_then_die(self, epoch, pos, *args, **kwargs):
+        path = original(self, epoch, pos, *args, **kwargs)
+        if self.stage == "fused" and not pos.epoch_done and epoch == 2 and not killed:
+            killed.append(self.step)
+            raise KeyboardInterrupt  # the process dies right after a mid-epoch checkpoint
+        return path
+
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_ablation(out, rows, overrides, launcher="inprocess", converge=True)
+    assert killed and (row_dir(out, "transformer", 1) / "summary.json").is_file()
+    fused_dir = row_dir(out, "fused", 1)
+    assert not (fused_dir / "summary.json").exists() and any((fused_dir / "checkpoints" / "fused").glob("checkpoint_*.pt"))
+    assert not row_dir(out, "transformer", 2).exists()
+    done = (row_dir(out, "transformer", 1) / "summary.json").stat().st_mtime_ns
+
+    monkeypatch.setattr(Trainer, "_save", original)
+    with caplog.at_level(logging.INFO):
+        md = run_ablation(out, rows, overrides, launcher="inprocess", converge=True)
+    log = caplog.text
+    assert "row transformer seed 1: finished" in log and "row fused seed 1: unfinished folder" in log
+    assert f"[fused] resumed from" in log and f"step {killed[0]}" in log
+    assert (row_dir(out, "transformer", 1) / "summary.json").stat().st_mtime_ns == done
+    epochs = [json.loads(line) for line in (fused_dir / "results.jsonl").read_text().splitlines()]
+    fused_epochs = [r["epoch"] for r in epochs if r.get("stage") == "fused" and "split" not in r]
+    assert fused_epochs == [1, 2]  # stopped early after 1 + patience epochs, none recorded twice
+    summary = json.loads((fused_dir / "summary.json").read_text())
+    assert summary["fused"]["stop"] == "early_stop" and summary["fused"]["best_epoch"] == 1
+    assert summary["fused"]["epochs"] == 2 and "reused_from" in summary["baseline"]
+    table = (out / "converged.md").read_text()
+    assert "All runs finished." in table and "| 2/2 (s1, s2) |" in table and "1/2 cap" not in table
+    assert re.search(r"\| 1/1 \(s1\) \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \| \+1\.88 \| 1/2 \| 0\.\d{3} \(s1\) \|", table)
+    assert md.name == "ablations.md"
+
+
+def test_a_failed_run_does_not_stop_the_sweep(tmp_path: Path, monkeypatch) -> None:
+    import bertnmt.ablation as ablation
+    from bertnmt.errors import TrainingError
+
+    ran = []
+
+    def fake(row, seed, out, overrides):
+        ran.append((row.name, seed))
+        if row.name == "finetune":
+            raise TrainingError("5 non-finite losses in a row at step 7")
+        _fake_run(out, row.name, seed, 20.0)
+
+    monkeypatch.setattr(ablation, "_run_inprocess", fake)
+    with pytest.raises(TrainingError, match=r"1 run\(s\) failed: finetune@1 \(5 non-finite"):
+        run_ablation(tmp_path, "transformer@1,finetune@1,fused@1", launcher="inprocess", converge=True)
+    assert ran == [("transformer", 1), ("finetune", 1), ("fused", 1)]
+    assert "Pending: finetune@1." in (tmp_path / "converged.md").read_text()

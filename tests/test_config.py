@@ -76,6 +76,13 @@ def test_freeze_experiments_select_their_preset(exp: str, policy: str) -> None:
     assert compose_cfg([f"+exp={exp}", "freeze.unit=step"]).freeze.unit == "step"
 
 
+def test_paper_optimizer_clips_gradients_like_the_official_recipe() -> None:
+    from omegaconf import OmegaConf
+
+    paper = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "optim" / "paper.yaml")
+    assert paper.clip_norm == 25.0 and paper.lr == 5e-4 and paper.warmup_steps == 4000
+
+
 @pytest.mark.parametrize("exp", sorted(p.stem for p in (CONF / "exp" / "ablation").glob("*.yaml")))
 def test_every_ablation_row_passes_the_value_checks(exp: str) -> None:
     check_values(compose_cfg([f"+exp=ablation/{exp}"]))

@@ -124,6 +124,37 @@ def test_tatoeba_split_sizes_seed_and_direction(mirror):
 
 
 @needs_mirror
+def test_tatoeba_held_out_sentences_never_occur_in_training(mirror):
+    # Tatoeba has several translations of one sentence: a split by pair put 48 of 300 test sources in train
+    for src_lang, tgt_lang in (("en", "ko"), ("ko", "en")):
+        splits = load_corpus(DataConfig(corpus="tatoeba_en_ko", src_lang=src_lang, tgt_lang=tgt_lang))[0]
+        train_src, train_tgt = set(splits["train"][0]), set(splits["train"][1])
+        for held in ("valid", "test"):
+            src, tgt = splits[held]
+            assert len(src) == 300
+            assert not [s for s in src if s in train_src], held
+            assert not [t for t in tgt if t in train_tgt], held
+        assert not set(splits["valid"][0]) & set(splits["test"][0])
+
+
+def test_group_split_keeps_translations_of_one_sentence_together():
+    from bertnmt.data.corpora import group_split
+
+    # 0-1 share a source, 1-2 share a target (so 0, 1, 2 are one group), 3-4 share a target; 5..9 are alone
+    src = ["hi", "hi", "hello", "bye", "see you", "a", "b", "c", "d", "e"]
+    tgt = ["안녕", "안녕하세요", "안녕하세요", "잘 가", "잘 가", "가", "나", "다", "라", "마"]
+    for seed in range(20):
+        parts = group_split(src, tgt, {"test": 2, "valid": 2}, seed)
+        assert sorted(i for p in parts.values() for i in p) == list(range(10))
+        assert len(parts["test"]) == 2 and len(parts["valid"]) == 2
+        for held in ("test", "valid"):
+            for i in parts[held]:
+                assert all(src[j] != src[i] and tgt[j] != tgt[i] for j in parts["train"])
+        assert not {0, 1, 2} & set(parts["test"] + parts["valid"])  # a group of 3 never fits a split of 2
+    assert group_split(src, tgt, {"test": 2, "valid": 2}, 1) == group_split(tgt, src, {"test": 2, "valid": 2}, 1)
+
+
+@needs_mirror
 def test_tatoeba_prepare_korean(mirror, tmp_path):
     cfg = DataConfig(corpus="tatoeba_en_ko", src_lang="ko", tgt_lang="en", cache_dir=str(tmp_path), train_limit=400)
     data = prepare_data(cfg)

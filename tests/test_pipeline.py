@@ -40,13 +40,16 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.mark.slow
-def test_two_stage_recipe_writes_results_and_reuses_baseline(tmp_path: Path, tiny_bert: str, mirror: Path) -> None:
+def test_two_stage_recipe_writes_results_and_reuses_baseline(tmp_path: Path, tiny_bert: str, mirror: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
     cfg = smoke_cfg(tmp_path, tiny_bert, ["+exp=frozen_bert"], "run1")
     summary = run(cfg)
     run_dir = Path(cfg.output_dir)
     records = read_jsonl(run_dir / "results.jsonl")
     epochs = [r for r in records if "epoch" in r]
-    assert [(r["stage"], r["epoch"]) for r in epochs] == [("baseline", 1), ("baseline", 2), ("fused", 1), ("fused", 2)]
+    # baseline, fused, then the plain Transformer continued from the same warm start (equal budget)
+    assert [(r["stage"], r["epoch"]) for r in epochs][:4] == [("baseline", 1), ("baseline", 2), ("fused", 1), ("fused", 2)]
+    assert {r["stage"] for r in epochs[4:]} == {"transformer"}
     for r in epochs:
         for key in ("epoch_time_s", "tokens_per_s", "train_loss", "valid_loss", "valid_bleu", "trainable_params",
                     "total_params", "peak_mem_mb"):
@@ -60,7 +63,7 @@ def test_two_stage_recipe_writes_results_and_reuses_baseline(tmp_path: Path, tin
 
     # the BLEU we report is what sacreBLEU computes from the hypothesis file we wrote
     tests = {r["stage"]: r for r in records if r.get("split") == "test"}
-    assert set(tests) == {"baseline", "fused"}
+    assert set(tests) == {"baseline", "fused", "transformer"}
     refs = (run_dir / "test.ref").read_text(encoding="utf-8").splitlines()
     for stage, rec in tests.items():
         hyps = (run_dir / rec["hypotheses"]).read_text(encoding="utf-8").splitlines()
@@ -75,6 +78,19 @@ def test_two_stage_recipe_writes_results_and_reuses_baseline(tmp_path: Path, tin
     assert meta["sacrebleu_signature"] == tests["fused"]["bleu_signature"]
     assert (run_dir / "config.yaml").is_file()
     assert summary["epoch_time_ratio"] > 0
+    # equal budget: the continued Transformer made exactly the fused stage's updates, from the same checkpoint
+    fused_steps = fused[-1]["step"]
+    plain = [r for r in epochs if r["stage"] == "transformer"]
+    assert fused_steps > 0 and plain[-1]["step"] == fused_steps == summary["transformer"]["steps"] == summary["fused"]["steps"]
+    eq = summary["equal_budget"]
+    assert eq["updates"] == {"fused": fused_steps, "transformer": fused_steps}
+    assert eq["bleu_delta"] == pytest.approx(tests["fused"]["bleu"] - tests["transformer"]["bleu"], abs=0.011)
+    bs = eq["paired_bootstrap"]["bleu"]
+    assert bs["system"] == tests["fused"]["bleu"] and bs["baseline"] == tests["transformer"]["bleu"]
+    assert 0 < bs["p_value"] <= 1 and bs["system_ci"][0] <= bs["system_ci"][1]
+    printed = capsys.readouterr().out
+    assert "equal budget: BERT-fused and the Transformer both continue the same warm start" in printed
+    assert "Transformer (continued)" in printed and "paired bootstrap" in printed
     # the frozen encoder is not stored in the checkpoints
     import torch
 
@@ -87,5 +103,7 @@ def test_two_stage_recipe_writes_results_and_reuses_baseline(tmp_path: Path, tin
     summary2 = run(cfg2)
     assert "reused_from" in summary2["baseline"]
     stages2 = {r["stage"] for r in read_jsonl(Path(cfg2.output_dir) / "results.jsonl") if "epoch" in r}
-    assert stages2 == {"fused"}
+    assert stages2 == {"fused"}  # the continued Transformer is cached too
     assert summary2["baseline"]["test_bleu"] == summary["baseline"]["test_bleu"]
+    assert "reused_from" in summary2["transformer"] and summary2["transformer"]["test_bleu"] == summary["transformer"]["test_bleu"]
+    assert summary2["equal_budget"]["paired_bootstrap"]["bleu"]["baseline"] == bs["baseline"]

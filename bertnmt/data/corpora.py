@@ -293,6 +293,44 @@ def _drop_empty(src_lines: list[str], tgt_lines: list[str]) -> tuple[Pairs, int]
     return (src_out, tgt_out), len(src_lines) - len(src_out)
 
 
+def group_split(src: list[str], tgt: list[str], held: dict[str, int], seed: int) -> dict[str, list[int]]:
+    """Pair indices per split, so that no held-out source or target sentence occurs in another split.
+
+    A one-file corpus such as Tatoeba holds several translations of one sentence (and one translation
+    of several), so a split by pair would test on sentences seen in training. Pairs that share a source
+    or a target are joined into groups (connected components); the groups, in an order drawn from
+    ``seed``, fill ``held`` (split -> number of pairs, in order) and the rest is ``train``. A group that no
+    longer fits a held-out split goes on to the next one, so the sizes are met whenever enough small
+    groups remain. The result does not depend on the translation direction.
+    """
+    parent = list(range(len(src)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[int, str], int] = {}
+    for i, pair in enumerate(zip(src, tgt)):
+        for side, text in enumerate(pair):
+            j = first.setdefault((side, text), i)
+            a, b = root(i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(src)):
+        groups.setdefault(root(i), []).append(i)
+    ordered = list(groups.values())  # by each group's first pair
+    out: dict[str, list[int]] = {name: [] for name in held}
+    out["train"] = []
+    for g in np.random.default_rng(seed).permutation(len(ordered)):
+        members = ordered[g]
+        name = next((n for n, size in held.items() if len(out[n]) + len(members) <= size), "train")
+        out[name].extend(members)
+    return out
+
+
 def _read_tsv(path: Path, langs: tuple[str, ...], cfg: DataConfig) -> tuple[dict[str, Pairs], dict[str, int]]:
     """One tab-separated file split into train/valid/test by a permutation drawn from ``split_seed``."""
     columns: list[list[str]] = [[] for _ in langs]
@@ -312,12 +350,7 @@ def _read_tsv(path: Path, langs: tuple[str, ...], cfg: DataConfig) -> tuple[dict
             f"data.valid_size={cfg.valid_size} and data.test_size={cfg.test_size} leave no training pairs "
             f"out of {len(src)} in {path}"
         )
-    perm = np.random.default_rng(cfg.split_seed).permutation(len(src))
-    parts = {
-        "test": perm[: cfg.test_size],
-        "valid": perm[cfg.test_size : n_held],
-        "train": perm[n_held:],
-    }
+    parts = group_split(src, tgt, {"test": cfg.test_size, "valid": cfg.valid_size}, cfg.split_seed)
     splits = {name: ([src[i] for i in idx], [tgt[i] for i in idx]) for name, idx in parts.items()}
     # Empty pairs are dropped before splitting, so they are all counted against train.
     return splits, {"train": empty, "valid": 0, "test": 0}

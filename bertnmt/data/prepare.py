@@ -65,7 +65,10 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
     keys = ["corpus", "src_lang", "tgt_lang", "vocab_size", "max_len", "train_limit", "valid_limit", "test_limit"]
     if corpus_spec(cfg).tsv is not None:
         keys += ["split_seed", "valid_size", "test_size"]
-    return {k: getattr(cfg, k) for k in keys}
+    out = {k: getattr(cfg, k) for k in keys}
+    if corpus_spec(cfg).tsv is not None:
+        out["split"] = "grouped"  # corpora.group_split: no held-out sentence in training (earlier caches split by pair)
+    return out
 
 
 def _check(cfg: DataConfig) -> None:
