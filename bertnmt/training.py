@@ -350,7 +350,8 @@ class Trainer:
                 self._settle(pos, epoch)
             if bar is not None:
                 bar.update(t.accum_steps)
-                bar.set_postfix(loss=f"{pos.tot_loss / max(1, pos.tot_tokens):.3f}")
+                if pos.tot_tokens:  # the running loss is read from the device once per log interval
+                    bar.set_postfix(loss=f"{pos.tot_loss / pos.tot_tokens:.3f}")
             if stepped and self.writer is not None and self.step % t.log_every == 0:
                 self.writer.add_scalar("train/loss", pos.tot_loss / max(1, pos.tot_tokens), self.step)
                 self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
