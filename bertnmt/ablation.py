@@ -51,7 +51,7 @@ class Row:
 
     name: str
     label: str
-    paper_bleu: Optional[float]  # IWSLT'14 En->De BLEU from the paper (as quoted in issue 6), None if not given
+    paper_bleu: Optional[float]  # IWSLT'14 En->De BLEU from the paper, None if not given
     init: str
 
     @property

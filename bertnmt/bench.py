@@ -1,4 +1,4 @@
-"""Side-by-side speed and memory figures (``scripts/bench.py``; issue 4, docs/benchmarks.md).
+"""Side-by-side speed and memory figures (``scripts/bench.py``, docs/benchmarks.md).
 
 One run measures, on the same data, dimensions and batches:
 
@@ -390,7 +390,7 @@ def run_all(spec: BenchSpec, variants: list[str], log=print) -> dict[str, dict[s
 
 # -- the report -----------------------------------------------------------------------------------
 def report(spec: BenchSpec, res: dict[str, dict[str, Any]], device_name: str) -> str:
-    """The figures as markdown tables, with the ratios and the goals of issue 4."""
+    """The figures as markdown tables, with the ratios and the speed goals."""
     from bertnmt.flops import EncoderDims, training_flops
 
     cfg = compose_cfg(spec)

@@ -1,4 +1,4 @@
-"""One process against N processes (``scripts/bench_ddp.py``; issue 7, docs/benchmarks.md).
+"""One process against N processes (``scripts/bench_ddp.py``, docs/benchmarks.md).
 
 Runs ``scripts/train.py`` on the same data and config three ways and reads the target tokens/s that
 the trainer logs (all ranks' target tokens over rank 0's wall time of the timed training epoch):

@@ -53,7 +53,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     or another OS error is a :class:`CheckpointError`. Under torchrun only rank 0 writes; on the
     other ranks this does nothing.
     """
-    if not distributed.is_main():  # issue 7b
+    if not distributed.is_main():
         return
     with atomic_path(path, _write_error) as tmp:
         torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
@@ -175,7 +175,7 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if (gen := drop_net_generator()) is not None:  # issue 7b: drop-net's own generator under DDP
+    if (gen := drop_net_generator()) is not None:  # drop-net's own generator under DDP
         state["drop_net"] = gen.getstate()
     return state
 

@@ -15,7 +15,7 @@ Frozen parameters keep ``grad=None`` and AdamW skips them entirely, weight decay
 included. Works on any ``nn.Module``; the report groups of :class:`BertFusedTransformer`
 are bert, fusion, encoder, decoder and embeddings, and any other module's are its top-level children.
 :meth:`FreezePolicy.apply` returns True at a switch: a DDP wrapper, which ignores ``requires_grad``
-changes made after wrapping (pitfall 5), must be rebuilt then.
+changes made after wrapping, must be rebuilt then.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ class FreezePolicy:
         for n, p in self._params.items():
             p.requires_grad_(self._trainable[n])
             if not self._trainable[n]:
-                p.grad = None  # a frozen parameter never carries a gradient (pitfall 2)
+                p.grad = None  # a frozen parameter never carries a gradient
         for m in self._locked:  # release the previous locks, then lock the maximal fully frozen submodules
             m.train(model.training)
         self._locked, prefixes = [], []

@@ -1,7 +1,7 @@
 """Corpus-level BLEU and chrF through sacreBLEU, always with their signatures.
 
 Hypotheses must be detokenised text (SentencePiece ``decode``) with no ``<unk>`` pieces:
-sacreBLEU would split ``<unk>`` into ``< unk >`` and inflate the score (design pitfall 7).
+sacreBLEU would split ``<unk>`` into ``< unk >`` and inflate the score.
 
 By default BLEU is sacreBLEU's standard: case-sensitive, its own tokenizer for the target language
 (``13a``; ``zh``; ``ko-mecab`` / ``ja-mecab`` where installed). :func:`paper_options` reproduces how

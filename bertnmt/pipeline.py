@@ -113,7 +113,7 @@ def baseline_key(cfg: Config, data: PreparedData) -> str:
     spec = {
         "version": BASELINE_VERSION, "data": data.key, "vocab": data.vocab.sha256, "model": model,
         "optim": asdict(cfg.optim), "seed": cfg.trainer.seed,
-        "accum": cfg.trainer.accum_steps * distributed.world_size(),  # issue 7b: N ranks x a = one process x a*N
+        "accum": cfg.trainer.accum_steps * distributed.world_size(),  # N ranks x a = one process x a*N
         "epochs": cfg.warm_start.max_epochs, "steps": cfg.warm_start.max_steps, "max_tokens": cfg.data.max_tokens,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -142,7 +142,7 @@ def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result
         "stop": result.stop,  # max_epochs | max_steps | early_stop
         "best_epoch": best_epoch(result.epochs, checkpoint_metric(cfg.trainer)),
     }
-    if not cfg.eval.test or not distributed.is_main():  # issue 7b: the test decode on rank 0 only
+    if not cfg.eval.test or not distributed.is_main():  # the test decode on rank 0 only
         return out
     split = data.splits["test"]
     device = pick_device(cfg.trainer.device)
@@ -220,7 +220,7 @@ def train_stage(cfg: Config, data: PreparedData, run_dir: Path, stage: str, meta
         policy.apply(model, epoch=1, step=0)  # a resumed Trainer re-checks at its own position
         device = pick_device(cfg.trainer.device)
         model.bert.to(device)
-        with distributed.main_first():  # issue 7b: rank 0 writes the feature cache, the others read it
+        with distributed.main_first():  # rank 0 writes the feature cache, the others read it
             features = feature_cache(model.bert, data, meta["encoder"]["weights_sha256"], enc_pad_id, device,
                                      cfg.bert.cache_budget_gb, cfg.bert.cache_features, policy.encoder_untrained(model))
     trainer = Trainer(cfg, model, data, policy, run_dir, stage, meta, enc_pad_id, resume=resume, features=features)
@@ -369,7 +369,7 @@ def run(cfg: Config) -> dict[str, Any]:
     check_recipe(cfg)
     if cfg.model.fused and cfg.bert.trust_remote_code:
         log.warning("bert.trust_remote_code=true: Python code shipped with the encoder %r will run", cfg.bert.path)
-    ddp = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_min)  # issue 7b: under torchrun
+    ddp = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_min)  # under torchrun
     policy, skeleton = check_freeze(cfg)  # a bad policy fails before any data is loaded
     if cfg.freeze.dry_run:
         table = schedule_table(policy, skeleton, cfg.trainer.max_epochs, cfg.trainer.max_steps)
@@ -378,7 +378,7 @@ def run(cfg: Config) -> dict[str, Any]:
     del policy, skeleton
     explicit = check_resume_inputs(cfg)
     tok = encoder_tokenizer(cfg) if cfg.model.fused else None  # a tokenizer that does not fit fails before any write
-    run_dir = open_run_dir(cfg) if distributed.is_main() else None  # issue 7b: rank 0 picks the run folder
+    run_dir = open_run_dir(cfg) if distributed.is_main() else None  # rank 0 picks the run folder
     if ddp:
         run_dir = Path(distributed.broadcast(str(run_dir) if run_dir is not None else None))
         cfg.output_dir = str(run_dir)
@@ -432,10 +432,10 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer |
     earlier = _earlier_meta(run_dir) if explicit is None else None
     if earlier is not None:
         check_same_inputs(cfg, run_dir, earlier)
-    if distributed.is_main():  # issue 7b
+    if distributed.is_main():
         save_config(cfg, run_dir)
     start = time.perf_counter()
-    with distributed.main_first():  # issue 7b: rank 0 prepares the data cache, the others read it
+    with distributed.main_first():  # rank 0 prepares the data cache, the others read it
         data = prepare_data(cfg.data)
     if earlier is not None and earlier.get("vocab_sha256") not in (None, data.vocab.sha256):
         raise DataError(f"{data.vocab.path}: the SentencePiece vocabulary differs from the one the checkpoints in "
@@ -445,11 +445,11 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer |
         "git_sha": git_sha(), "command": " ".join(sys.argv), "torch": str(torch.__version__),
         "data_key": data.key, "vocab_sha256": data.vocab.sha256, "vocab_size": len(data.vocab),
         "data_report": data.report, "model": asdict(cfg.model),
-        # issue 7: checkpoints carry their config and vocabulary, so evaluate/translate/export need no run dir
+        # checkpoints carry their config and vocabulary, so evaluate/translate/export need no run dir
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "vocab_path": str(data.vocab.path.resolve()),
     }
     if tok is not None:
-        with distributed.main_first():  # issue 7b
+        with distributed.main_first():
             add_encoder_view(data, tok)
         enc_pad_id = tok.pad_id
         meta["encoder"] = {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer,
@@ -476,14 +476,14 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer |
     if base and fused and base.get("mean_epoch_time_s"):
         summary["epoch_time_ratio"] = round(fused["mean_epoch_time_s"] / base["mean_epoch_time_s"], 3)
     last = summary[stage]
-    # -- issue 7: the final model as a folder that bertnmt.load_model() restores without Hydra
-    if last.get("checkpoint") and distributed.is_main():  # issue 7b
+    # -- the final model as a folder that bertnmt.load_model() restores without Hydra
+    if last.get("checkpoint") and distributed.is_main():
         summary["export"] = str(export_model(last["checkpoint"], run_dir / "export"))
     if "bleu_signature" in last:
         meta["sacrebleu_signature"] = last["bleu_signature"]
         write_json(run_dir / "meta.json", meta)
     write_json(run_dir / "summary.json", summary)
-    if distributed.is_main():  # issue 7b
+    if distributed.is_main():
         print_summary(summary)
     return summary
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertnmt import distributed  # issue 7b: DDP under torchrun; no-ops in one process
+from bertnmt import distributed  # DDP under torchrun; no-ops in one process
 from bertnmt.checkpoint import (BEST, LAST, latest_checkpoint, link_checkpoint, load_checkpoint, load_model_weights,
                                 model_weights, remove_temp_files, rng_state, rotate, save_checkpoint, set_rng_state,
                                 step_checkpoint)
@@ -153,9 +153,9 @@ class Trainer:
         self.valid_loader = make_loader(data.splits["valid"], cfg.data.max_tokens, 0, False, enc_pad,
                                         features=feats.get("valid"), pad_multiple=pad8)
         self.features: dict[str, FeatureStore] = dict(feats)  # cleared for good once the encoder trains
-        distributed.shard(self.train_loader.batch_sampler)  # issue 7b: rank r takes batches r, r+N, ...
+        distributed.shard(self.train_loader.batch_sampler)  # rank r takes batches r, r+N, ...
         seed_drop_net(cfg.trainer.seed)  # drop-net's host-side draws: the same on every rank, saved in checkpoints
-        self.replicas = distributed.Replicas(self.model, self.device, cfg.trainer.seed)  # issue 7b: the DDP wrapper
+        self.replicas = distributed.Replicas(self.model, self.device, cfg.trainer.seed)  # the DDP wrapper
         self.step = 0
         self.start_epoch = 1
         self.best = -math.inf
@@ -207,7 +207,7 @@ class Trainer:
             log.warning("[%s] %s was trained with trainer.seed=%s, now %s: the data order differs from here on",
                         self.stage, path, seed, self.cfg.trainer.seed)
         self.resumed_from = path
-        if distributed.is_main():  # issue 7b: rank 0 owns the run's files
+        if distributed.is_main():  # rank 0 owns the run's files
             self.past_epochs = keep_until(self.results, self.stage, epoch if pos.epoch_done else epoch - 1)
             remove_temp_files(self.ckpt_dir)
         where = "end" if pos.epoch_done else f"batch {pos.batches_done}/{pos.n_batches}"
@@ -248,7 +248,7 @@ class Trainer:
 
     # -- one epoch ---------------------------------------------------------------------------
     def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.replicas.forward_model()  # issue 7b: the DDP wrapper for training forwards under torchrun
+        model = self.replicas.forward_model()  # the DDP wrapper for training forwards under torchrun
         model = self.step_model if model is self.model else model  # (torch.compile'd in one process)
         return forward_loss(model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
                             use_features=bool(self.features),  # cached H_B, never once the encoder trains
@@ -331,7 +331,7 @@ class Trainer:
         self._start_sums(pos)
         start = time.perf_counter() - pos.elapsed_s
         bar = None
-        if t.progress and distributed.is_main():  # issue 7b
+        if t.progress and distributed.is_main():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n_batches, initial=pos.batches_done, desc=f"{self.stage} epoch {epoch}", leave=False,
@@ -366,7 +366,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         self._settle(pos, epoch)
-        loss_all, tok_all = distributed.sum_over_ranks(  # issue 7b: the whole epoch's figures, all ranks
+        loss_all, tok_all = distributed.sum_over_ranks(  # the whole epoch's figures, all ranks
             torch.tensor(pos.tot_loss, dtype=torch.float64, device=self.device), int(pos.tot_tokens))
         elapsed = time.perf_counter() - start
         return {"train_loss": float(loss_all) / max(1, tok_all), "epoch_time_s": elapsed,
@@ -406,7 +406,7 @@ class Trainer:
         if self._resume_pos is None and self._resume_rng is not None:  # resumed at an epoch end
             set_rng_state(self._resume_rng)
             self._resume_rng = None
-        if t.tensorboard and self.writer is None and distributed.is_main():  # issue 7b: rank 0 only
+        if t.tensorboard and self.writer is None and distributed.is_main():  # rank 0 only
             from torch.utils.tensorboard import SummaryWriter
 
             # a resumed stage drops the events logged after its checkpoint
@@ -432,7 +432,7 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
-        distributed.barrier()  # issue 7b: rank 0's checkpoints exist before any rank loads them
+        distributed.barrier()  # rank 0's checkpoints exist before any rank loads them
         return result
 
     def _stops_early(self, result: StageResult) -> bool:
@@ -479,7 +479,7 @@ class Trainer:
         """The one place that writes checkpoints: a step checkpoint (+ ``checkpoint_last.pt``, rotation),
         or at an epoch end ``checkpoint_last.pt`` (+ ``checkpoint_best.pt``). Returns the file written."""
         last = self.ckpt_dir / LAST
-        if not distributed.is_main():  # issue 7b: rank 0 writes (and rotates) the checkpoints
+        if not distributed.is_main():  # rank 0 writes (and rotates) the checkpoints
             return last
         payload = self._payload(epoch, pos, metric)
         if pos.epoch_done:

@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 7): 2 CPU processes (gloo, under torchrun) against one process.
+"""Data-parallel training: 2 CPU processes (gloo, under torchrun) against one process.
 
 Two processes with half the batches each (rank r takes batches r, r+2, ...) make the same updates as one
 process that accumulates both halves (``accum_steps=2``): the weights agree to 1e-6 (here exactly),
