@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from bertnmt.experiments.bench import BenchSpec, compose_cfg, main, worker
+from bertnmt.experiments.bench import main, worker
+from bertnmt.experiments.bench_spec import BenchSpec, compose_cfg
 
 try:
     from tests.tiny_encoder import make_tiny_bert

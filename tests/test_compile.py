@@ -40,7 +40,7 @@ def test_training_forward_and_loss_compile_as_one_graph(bert_path: str, tmp_path
     """fullgraph=True: no graph break in the fused model's training forward (drop-net on, drawn on the device),
     the loss included, on bucket-padded shapes; a data-dependent branch or shape would raise here."""
     from bertnmt.model.nmt import BertFusedTransformer
-    from bertnmt.train.trainer import smoothed_loss
+    from bertnmt.train.loss import smoothed_loss
     from test_features import TINY, fused_model
 
     torch._dynamo.reset()

@@ -23,7 +23,8 @@ from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.optim import load_optimizer_state, optimizer_state
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
-from bertnmt.train.trainer import Trainer, smoothed_loss
+from bertnmt.train.loss import smoothed_loss
+from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
 

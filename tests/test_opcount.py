@@ -13,7 +13,8 @@ from bertnmt.core.config import Config, DataConfig, FreezeConfig, ModelConfig, O
 from bertnmt.train.freeze import FreezePolicy
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.experiments.opcount import OpCounter, launches_kernel
-from bertnmt.train.trainer import EpochPosition, Trainer, smoothed_loss
+from bertnmt.train.loss import smoothed_loss
+from bertnmt.train.trainer import EpochPosition, Trainer
 from fake_data import fake_data
 from test_features import bert_path, build_cache, fused_model, frozen_policy  # noqa: F401  (bert_path: the fixture)
 
@@ -129,7 +130,8 @@ def test_bucket_padding_gives_few_shapes_and_the_same_loss() -> None:
     """data.pad_multiple=8: every length a multiple of 8 and the output positions a multiple of 64 (what
     torch.compile and CUDA graphs need), with the loss of the unpadded batch."""
     from bertnmt.data.collate import make_loader
-    from bertnmt.train.trainer import forward_loss, resolve_pad_multiple
+    from bertnmt.train.loss import forward_loss
+    from bertnmt.train.trainer import resolve_pad_multiple
 
     assert resolve_pad_multiple(0, torch.device("cpu"), False) == 1
     assert resolve_pad_multiple(0, torch.device("cuda"), False) == resolve_pad_multiple(0, torch.device("cpu"), True) == 8

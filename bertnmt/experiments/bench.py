@@ -24,60 +24,16 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bertnmt.core.paths import CONF_DIR, PROJECT_ROOT
+from bertnmt.core.paths import PROJECT_ROOT
 from bertnmt.core.devices import autocast, peak_memory_mb
-
-TRAIN_VARIANTS = ["plain", "fused_cached", "fused_live", "fused_finetune", "marian", "plain_bf16"]
-DECODE_VARIANTS = ["decode_plain", "decode_fused_cached", "decode_fused", "decode_marian"]
-BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "V100": 125e12}
-
-
-@dataclass
-class BenchSpec:
-    model: str = "small"  # a conf/model option, or "big" (d 1024, FFN 4096, 16 heads, 6+6)
-    bert: str = "minilm"  # a conf/bert option
-    random_bert: bool = False  # a random encoder of the same config (GPU machines without the weights)
-    data: str = "multi30k_en_de"
-    sentences: int = 3000  # training pairs prepared for the benchmark (data.train_limit)
-    max_tokens: int = 2048
-    steps: int = 12  # timed optimizer updates per training variant
-    warmup: int = 3  # untimed updates first
-    decode_sents: int = 480
-    decode_len: int = 16  # every hypothesis is forced to this many tokens (+ eos)
-    decode_tokens: int = 0  # decoding's token budget per batch (eval.max_tokens; 0 = the device's default)
-    check_every: int = 0  # decoding steps between checks for done sentences (eval.check_every; 0 = by device)
-    beam: int = 5
-    device: str = "cpu"
-    bf16: bool = False  # autocast to bf16 (always on with CUDA)
-    compile: bool = False  # torch.compile the NMT model (training variants)
-    threads: int = 0  # torch.set_num_threads; 0 = torch's default
-    repeat: int = 2  # run the whole list this many times, interleaved; keep each variant's fastest run
-    overrides: str = ""  # extra Hydra overrides, space-separated (e.g. "bert.path=/models/minilm data=custom ...")
-
-
-def compose_cfg(spec: BenchSpec):
-    """The training Config of the benchmark (Hydra compose of conf/, then typed)."""
-    from hydra import compose, initialize_config_dir
-
-    from bertnmt.core.config import register_configs, to_config
-
-    register_configs()
-    model = "iwslt" if spec.model == "big" else spec.model
-    overrides = [f"model={model}", f"bert={spec.bert}", f"data={spec.data}", f"data.train_limit={spec.sentences}",
-                 f"data.max_tokens={spec.max_tokens}", "trainer.progress=false", "trainer.tensorboard=false",
-                 f"trainer.device={spec.device}"]
-    if spec.model == "big":
-        overrides += ["model.d_model=1024", "model.ffn_dim=4096", "model.heads=16", "model.name=big"]
-    overrides += spec.overrides.split()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=overrides))
-
+from bertnmt.experiments.bench_report import device_name, report
+from bertnmt.experiments.bench_spec import DECODE_VARIANTS, TRAIN_VARIANTS, BenchSpec, compose_cfg
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -210,7 +166,7 @@ def _trainer_step(trainer):
 
 def _marian_step(spec: BenchSpec, cfg, data, tok, device):
     """The usual Hugging Face training step of MarianMTModel (one-group AdamW, the same loss)."""
-    from bertnmt.train.trainer import smoothed_loss
+    from bertnmt.train.loss import smoothed_loss
 
     model = marian_like(cfg.model, len(data.vocab), data.vocab.pad_id).to(device)
     model.train()
@@ -386,132 +342,6 @@ def run_all(spec: BenchSpec, variants: list[str], log=print) -> dict[str, dict[s
             results[v]["runs"] = times
             log(f"  round {rnd + 1}: {v} {key} {r[key]:.3f} ({time.perf_counter() - t0:.0f} s)")
     return results
-
-
-# -- the report -----------------------------------------------------------------------------------
-def report(spec: BenchSpec, res: dict[str, dict[str, Any]], device_name: str) -> str:
-    """The figures as markdown tables, with the ratios and the speed goals."""
-    from bertnmt.experiments.flops import EncoderDims, training_flops
-
-    cfg = compose_cfg(spec)
-    out = [f"bench: model={spec.model} (d {cfg.model.d_model}, FFN {cfg.model.ffn_dim}, {cfg.model.heads} heads, "
-           f"{cfg.model.enc_layers}+{cfg.model.dec_layers} layers), encoder {spec.bert}"
-           f"{' (random weights)' if spec.random_bert else ''}, data {spec.data} ({spec.sentences} pairs), "
-           f"max_tokens {spec.max_tokens}, {spec.steps} timed updates after {spec.warmup}; device {device_name}"
-           f"{', bf16 autocast' if spec.bf16 or spec.device.startswith('cuda') else ', fp32'}"
-           f"{', torch.compile' if spec.compile else ''}", ""]
-    plain = res.get("plain")
-    floors: dict[str, float] = {}
-    flops = None
-    if plain:
-        from transformers import AutoConfig
-
-        from bertnmt.data.tokenize import resolve_model_path
-
-        dims = EncoderDims.from_hf(AutoConfig.from_pretrained(resolve_model_path(cfg.bert.path)))
-        vocab = cfg.data.vocab_size
-        flops = training_flops(cfg.model, vocab, [tuple(s) for s in plain["shapes"]], dims)
-        floors = flops.floors()
-    out += ["| training variant | step ms | target tok/s | epoch s (est.) | time / plain | FLOPs floor | "
-            "time / floor | peak MB | trainable / total | ATen ops / update | kernel-launching | host syncs | "
-            "optimizer.step ms | param groups |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for v in TRAIN_VARIANTS:
-        r = res.get(v)
-        if not r:
-            continue
-        ratio = r["step_s"] / plain["step_s"] if plain else float("nan")
-        floor = floors.get(v, 1.0)
-        out.append(f"| {v} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['epoch_s_est']:.0f} | "
-                   f"{ratio:.2f} | {floor:.2f} | {ratio / floor:.2f} | {r['peak_mb']:,.0f} | "
-                   f"{r['trainable']:,} / {r['total']:,} | {r.get('aten_ops', 0):,} | {r.get('aten_launching', 0):,} | "
-                   f"{r.get('host_syncs', 0)} | {1000 * r.get('optimizer_step_s', 0.0):.1f} | "
-                   f"{r.get('param_groups', 0)} |")
-    if plain and flops is not None and spec.device.startswith("cuda"):
-        peak = next((v for k, v in BF16_PEAK.items() if k in device_name), None)
-        steps = len(plain["shapes"])
-        for v, f in (("plain", flops.plain), ("fused_cached", flops.fused_cached)):
-            if v in res and peak:
-                achieved = f / steps / res[v]["step_s"]
-                out.append(f"\n{v}: {achieved / 1e12:.1f} TFLOP/s = MFU {100 * achieved / peak:.1f}% of the "
-                           f"{peak / 1e12:.0f} TFLOP/s bf16 peak")
-    out.append("")
-    goals = []
-    if plain and "fused_cached" in res:
-        r = res["fused_cached"]["step_s"] / plain["step_s"] / floors["fused_cached"]
-        goals.append(f"fused + frozen + cached <= 1.1 x floor: {r:.2f} x -> {'met' if r <= 1.1 else 'MISSED'}")
-    for v in ("fused_cached", "fused_live"):
-        if plain and v in res:
-            limit = (plain["peak_mb"] + res[v]["encoder_weights_mb"]) * 1.1
-            goals.append(f"{v} peak memory <= (plain + encoder weights) x 1.1: {res[v]['peak_mb']:,.0f} MB vs "
-                         f"{limit:,.0f} MB -> {'met' if res[v]['peak_mb'] <= limit else 'MISSED'}")
-    if plain and "marian" in res:
-        r = res["marian"]["step_s"] / plain["step_s"]
-        goals.append(f"training, ours vs MarianMTModel >= 1.2 x: {r:.2f} x -> {'met' if r >= 1.2 else 'MISSED'}")
-        m = res["marian"]
-        if "aten_launching" in plain and "aten_launching" in m:
-            ok = plain["aten_launching"] <= m["aten_launching"]
-            goals.append(f"kernel-launching ATen ops per update <= MarianMTModel's: {plain['aten_launching']:,} vs "
-                         f"{m['aten_launching']:,} -> {'met' if ok else 'MISSED'}")
-    for v in ("plain", "fused_cached"):
-        if v in res and "aten_ops" in res[v]:
-            r = res[v]
-            goals.append(f"{v}: total ATen ops per update <= 3,000: {r['aten_ops']:,} -> "
-                         f"{'met' if r['aten_ops'] <= 3000 else 'MISSED'}; host syncs in the update: "
-                         f"{r['host_syncs']} -> {'met' if r['host_syncs'] == 0 else 'MISSED'}")
-    dec = {v: res[v] for v in DECODE_VARIANTS if v in res}
-    if dec:
-        dfloor = decode_floors(spec, cfg, dec)
-        out += [f"| decoding (beam {spec.beam}, {spec.decode_len} tokens + eos each) | sentences/s | time / plain | "
-                "FLOPs floor |", "|---|---|---|---|"]
-        base = dec.get("decode_plain")
-        for v, r in dec.items():
-            ratio = r["decode_s"] / base["decode_s"] if base else float("nan")
-            out.append(f"| {v} | {r['sents_per_s']:.1f} | {ratio:.2f} | {dfloor.get(v, float('nan')):.2f} |")
-        out.append("")
-        for v, what in (("decode_fused_cached", "H_B cached"), ("decode_fused", "encoder live")):
-            if base and v in dec:
-                r = dec[v]["decode_s"] / base["decode_s"]
-                goals.append(f"fused decoding ({what}) <= 1.25 x plain: {r:.2f} x (FLOPs floor {dfloor.get(v, 0):.2f}) "
-                             f"-> {'met' if r <= 1.25 else 'MISSED'}")
-        if base and "decode_marian" in dec:
-            r = dec["decode_marian"]["decode_s"] / base["decode_s"]
-            goals.append(f"decoding, ours vs MarianMTModel.generate >= 1.5 x: {r:.2f} x -> "
-                         f"{'met' if r >= 1.5 else 'MISSED'}")
-    return "\n".join(out + ["goals:"] + [f"- {g}" for g in goals])
-
-
-def decode_floors(spec: BenchSpec, cfg, dec: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """FLOPs of each decoding variant over the plain model's, on the same batches (bertnmt.experiments.flops)."""
-    from transformers import AutoConfig
-
-    from bertnmt.data.tokenize import resolve_model_path
-    from bertnmt.experiments.flops import EncoderDims, beam_decode_flops, encoder_forward_flops
-
-    shapes = next(iter(dec.values())).get("shapes", [])
-    dims = EncoderDims.from_hf(AutoConfig.from_pretrained(resolve_model_path(cfg.bert.path)))
-    V, K, steps = cfg.data.vocab_size, spec.beam, spec.decode_len + 1
-    plain = sum(beam_decode_flops(cfg.model, V, B, S, E, K, steps) for B, S, _, E in shapes)
-    cached = sum(beam_decode_flops(cfg.model, V, B, S, E, K, steps, dims.hidden, fused=True) for B, S, _, E in shapes)
-    live = cached + sum(encoder_forward_flops(dims, B, E) for B, _, _, E in shapes)
-    if not plain:
-        return {}
-    return {"decode_plain": 1.0, "decode_marian": 1.0, "decode_fused_cached": cached / plain, "decode_fused": live / plain}
-
-
-def device_name(spec: BenchSpec) -> str:
-    if spec.device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model or platform.processor()} x {torch.get_num_threads()} threads"
 
 
 def main(argv: list[str] | None = None) -> int:

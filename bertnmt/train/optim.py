@@ -13,6 +13,7 @@ so a stage resumes exactly under the same policy, across a freeze switch, and un
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -70,3 +71,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     sd = optimizer.state_dict()
     sd["state"] = {i: by_name[n] for i, n in enumerate(names) if n in by_name}
     optimizer.load_state_dict(sd)
+
+
+def inverse_sqrt(warmup: int):
+    """fairseq's inverse_sqrt: linear warm-up to the peak lr, then lr * sqrt(warmup / step)."""
+    warmup = max(1, warmup)
+
+    def factor(step: int) -> float:
+        step += 1
+        return min(step / warmup, math.sqrt(warmup / step))
+
+    return factor

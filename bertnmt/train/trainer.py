@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bertnmt.train import distributed  # DDP under torchrun; no-ops in one process
@@ -38,55 +37,11 @@ from bertnmt.train.faults import StopSignal, UpdateGuard
 from bertnmt.train.freeze import FreezePolicy
 from bertnmt.decoding.metrics import corpus_scores
 from bertnmt.model.fusion import seed_drop_net, set_drop_net_on_device
-from bertnmt.train.optim import load_optimizer_state, make_optimizer, optimizer_state
+from bertnmt.train.loss import forward_loss
+from bertnmt.train.optim import inverse_sqrt, load_optimizer_state, make_optimizer, optimizer_state
 from bertnmt.train.results import append_jsonl, keep_until
 
 log = logging.getLogger(__name__)
-
-
-def inverse_sqrt(warmup: int):
-    """fairseq's inverse_sqrt: linear warm-up to the peak lr, then lr * sqrt(warmup / step)."""
-    warmup = max(1, warmup)
-
-    def factor(step: int) -> float:
-        step += 1
-        return min(step / warmup, math.sqrt(warmup / step))
-
-    return factor
-
-
-def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad_id: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed cross entropy and summed NLL over non-pad tokens.
-
-    ``logits`` (B, T, V) with ``target`` (B, T), or (N, V) with (N,). Equal to
-    ``F.cross_entropy(..., label_smoothing=eps, ignore_index=pad_id, reduction="sum")`` and its
-    NLL, from one log-softmax instead of two: (1 - eps) * nll + eps / V * sum_c -log p_c.
-    """
-    V = logits.size(-1)
-    lp = F.log_softmax(logits.float().view(-1, V), dim=-1)  # (N, V)
-    target = target.reshape(-1)  # (N,)
-    keep = target.ne(pad_id).to(lp.dtype)  # (N,) a multiplicative mask: no host sync (boolean indexing would)
-    nll = -(lp.gather(1, target.unsqueeze(1)).squeeze(1) * keep).sum()
-    loss = nll if eps == 0 else (1.0 - eps) * nll - (eps / V) * (lp.sum(-1) * keep).sum()
-    return loss, nll.detach()
-
-
-def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device: torch.device,
-                 use_features: bool = True, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """One training forward: (summed smoothed loss, summed NLL) of a batch, as 0-dim device tensors.
-
-    The cached H_B in ``batch.bert_feats`` is used when present and ``use_features``. The output layer
-    runs only at the positions of ``batch.out_idx`` (the non-pad targets, found on the host, padded to a
-    fixed multiple: a fixed-size gather), else at every position; padding is masked in the loss by
-    multiplication. Selecting positions with a boolean mask would make the host wait for the device."""
-    bert_out = None
-    if batch.bert_feats is not None and use_features:
-        bert_out = (batch.bert_feats.float(), batch.enc_mask.eq(0))  # (B, E, Hb), (B, E)
-    with autocast(device, precision):
-        logits = model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out,
-                       keep=batch.out_idx)  # (N', V), or (B, T, V)
-    target = batch.tgt_out if batch.out_idx is None else batch.out_tgt  # (B, T) or (N',)
-    return smoothed_loss(logits, target, pad_id, eps)
 
 
 @dataclass
