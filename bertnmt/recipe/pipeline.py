@@ -65,9 +65,8 @@ def git_sha() -> str:
         return "unknown"
 
 
+@distributed.rank_zero_only
 def write_json(path: Path, obj: Any) -> None:
-    if not distributed.is_main():  # rank 0 writes the run's files
-        return
     atomic.write_json(path, obj)
 
 

@@ -46,15 +46,13 @@ def _write_error(path: Path, err: OSError) -> CheckpointError:
     return CheckpointError(f"cannot write checkpoint {path} ({err.strerror or err})")
 
 
+@distributed.rank_zero_only
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically (:func:`bertnmt.core.atomic.atomic_path`: temp file, fsync, rename).
 
     On any failure the temp file is removed and ``path`` keeps its previous content; a full disk
-    or another OS error is a :class:`CheckpointError`. Under torchrun only rank 0 writes; on the
-    other ranks this does nothing.
+    or another OS error is a :class:`CheckpointError`. Under torchrun only rank 0 writes.
     """
-    if not distributed.is_main():
-        return
     with atomic_path(path, _write_error) as tmp:
         torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
 

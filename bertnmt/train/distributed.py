@@ -27,12 +27,13 @@ through a few marked lines and behave exactly as before in a single process.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -76,6 +77,21 @@ def rank() -> int:
 def is_main() -> bool:
     """Rank 0, or the only process: the one that writes files and logs at INFO."""
     return rank() == 0
+
+
+R = TypeVar("R")
+
+
+def rank_zero_only(fn: Callable[..., R]) -> Callable[..., R | None]:
+    """Decorator for a function that writes the run's files: it runs on rank 0 only, and on every other
+    rank the call does nothing and returns None (one process, or no torchrun, is rank 0)."""
+
+    @functools.wraps(fn)
+    def on_rank_zero(*args: Any, **kwargs: Any) -> R | None:
+        return fn(*args, **kwargs) if is_main() else None
+
+    on_rank_zero.rank_zero_only = True  # type: ignore[attr-defined]
+    return on_rank_zero
 
 
 def setup(device: str = "auto", timeout_min: int = 60) -> bool:

@@ -8,15 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from bertnmt.core.atomic import write_error, write_text
+from bertnmt.train.distributed import rank_zero_only
 
 log = logging.getLogger(__name__)
 
 
+@rank_zero_only
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    from bertnmt.train import distributed
-
-    if not distributed.is_main():  # rank 0 writes the run's files
-        return
     try:
         with open(path, "a", encoding="utf-8") as f:  # one line appended: a kill cuts at most that line
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
