@@ -77,7 +77,7 @@ def run_scenario(name: str, bert_path: str, run_dir: Path, accum: int) -> dict[s
     try:
         torch.manual_seed(123)
         trainer = Trainer(cfg, make_model(bert_path, model_cfg), fake_data(), FreezePolicy(freeze), run_dir, "fused", {},
-                          enc_pad_id=0)
+                          bert_pad_id=0)
         result = trainer.fit()
     finally:
         encoder.drop_net_weights = decoder.drop_net_weights = log.inner

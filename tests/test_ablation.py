@@ -113,9 +113,9 @@ def test_every_row_builds_its_model(row, tiny_bert6) -> None:
     model.eval()
     src = torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]])
     tgt = torch.tensor([[2, 5, 6], [2, 7, 0]])
-    enc_ids = torch.tensor([[101, 2000, 2001, 102], [101, 2002, 102, 0]])
+    bert_ids = torch.tensor([[101, 2000, 2001, 102], [101, 2002, 102, 0]])
     with torch.no_grad():
-        assert model(src, tgt, enc_ids, enc_ids.ne(0).long()).shape == (2, 3, 40)
+        assert model(src, tgt, bert_ids, bert_ids.ne(0).long()).shape == (2, 3, 40)
     policy.apply(model, epoch=1)
     if model.bert is not None:
         assert model.bert.frozen == (cfg.freeze.policy == "frozen")
@@ -161,7 +161,7 @@ def test_row_selection_seeds_and_overrides() -> None:
 
 
 def test_scratch_budget_is_baseline_plus_own_stage() -> None:
-    split = SimpleNamespace(src_ids=[[5] * 4] * 10, tgt_ids=[[5] * 4] * 10, enc_ids=None)
+    split = SimpleNamespace(src_ids=[[5] * 4] * 10, tgt_ids=[[5] * 4] * 10, bert_ids=None)
     data = SimpleNamespace(splits={"train": split})
     cfg = compose_row(ROW_BY_NAME["no_warm_start"], ["warm_start.max_epochs=3", "trainer.max_epochs=2", "data.max_tokens=10"])
     t = scratch_trainer(cfg, data)

@@ -323,8 +323,8 @@ def test_add_encoder_view_cached_and_truncation_warned(m30k, caplog):
     cut = data.report["encoder_truncated"]
     assert sum(cut.values()) > 0 and "truncated to the encoder's max_length=12" in caplog.text
     for split in data.splits.values():
-        assert len(split.enc_ids) == len(split)
-        assert all(e[0] == 101 and e[-1] == 102 and len(e) <= 12 for e in split.enc_ids)
+        assert len(split.bert_ids) == len(split)
+        assert all(e[0] == 101 and e[-1] == 102 and len(e) <= 12 for e in split.bert_ids)
     (folder,) = data.dir.glob("enc-*")
     mtime = (folder / "train.ids.npy").stat().st_mtime_ns
     add_encoder_view(data, tok)
@@ -366,36 +366,36 @@ def toy_split(with_enc: bool) -> Split:
 
 def test_collate_shapes_padding_and_shift():
     split = toy_split(with_enc=True)
-    samples = [(i, split.src_ids[i], split.tgt_ids[i], split.enc_ids[i], None) for i in (0, 1, 2)]
-    b = collate(samples, enc_pad_id=0)
+    samples = [(i, split.src_ids[i], split.tgt_ids[i], split.bert_ids[i], None) for i in (0, 1, 2)]
+    b = collate(samples, bert_pad_id=0)
     assert b.src.tolist() == [[5, 6, 7, 3], [8, 3, 0, 0], [9, 10, 3, 0]]
     assert b.tgt_in.tolist() == [[2, 9, 10, 0], [2, 8, 0, 0], [2, 5, 6, 7]]
     assert b.tgt_out.tolist() == [[9, 10, 3, 0], [8, 3, 0, 0], [5, 6, 7, 3]]
-    assert b.enc_ids.tolist() == [[101, 7, 102, 0, 0], [101, 102, 0, 0, 0], [101, 8, 9, 10, 102]]
-    assert b.enc_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert b.bert_ids.tolist() == [[101, 7, 102, 0, 0], [101, 102, 0, 0, 0], [101, 8, 9, 10, 102]]
+    assert b.bert_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert b.indices.tolist() == [0, 1, 2] and b.ntokens == 3 + 2 + 4
-    assert all(t.dtype == torch.long for t in (b.src, b.tgt_in, b.tgt_out, b.enc_ids, b.enc_mask, b.indices))
+    assert all(t.dtype == torch.long for t in (b.src, b.tgt_in, b.tgt_out, b.bert_ids, b.bert_mask, b.indices))
     moved = b.to("cpu", non_blocking=True)
     assert isinstance(moved, Batch) and moved.ntokens == b.ntokens
     plain = collate([(i, *s[1:3], None, None) for i, s in enumerate(samples)])
-    assert plain.enc_ids is None and plain.enc_mask is None and plain.bert_feats is None and b.bert_feats is None
+    assert plain.bert_ids is None and plain.bert_mask is None and plain.bert_feats is None and b.bert_feats is None
 
 
 def test_make_loader_covers_split_and_exposes_sampler(m30k, minilm):
     data = m30k[1]
     add_encoder_view(data, minilm)
     train = data.splits["train"]
-    loader = make_loader(train, max_tokens=400, seed=1, shuffle=True, enc_pad_id=minilm.pad_id)
+    loader = make_loader(train, max_tokens=400, seed=1, shuffle=True, bert_pad_id=minilm.pad_id)
     loader.batch_sampler.set_epoch(2)
     seen = []
     for batch in loader:
-        assert batch.enc_ids.shape == batch.enc_mask.shape and batch.src.size(0) == batch.tgt_in.size(0)
-        assert batch.src.numel() <= 400 and batch.tgt_out.numel() <= 400 and batch.enc_ids.numel() <= 400
+        assert batch.bert_ids.shape == batch.bert_mask.shape and batch.src.size(0) == batch.tgt_in.size(0)
+        assert batch.src.numel() <= 400 and batch.tgt_out.numel() <= 400 and batch.bert_ids.numel() <= 400
         k = int(batch.indices[0])
         n = len(train.src_ids[k])
         assert batch.src[0, :n].tolist() == train.src_ids[k].tolist() and batch.src[0, n] == 3
-        assert batch.enc_mask[0].sum() == len(train.enc_ids[k])
+        assert batch.bert_mask[0].sum() == len(train.bert_ids[k])
         seen += batch.indices.tolist()
     assert sorted(seen) == list(range(len(train))) and len(loader) == len(loader.batch_sampler)
-    plain = next(iter(make_loader(train, 400, 1, False, enc_pad_id=None)))
-    assert plain.enc_ids is None and plain.enc_mask is None
+    plain = next(iter(make_loader(train, 400, 1, False, bert_pad_id=None)))
+    assert plain.bert_ids is None and plain.bert_mask is None

@@ -39,19 +39,19 @@ def favour_eos(model: BertFusedTransformer, bonus: float = 50.0, per_step: float
 def test_min_len_one_never_returns_an_empty_hypothesis():
     model = favour_eos(make_model(None, seed=3)).eval()
     sents = random_sents(5, 2, 8, seed=11)
-    src, enc_ids, enc_mask = batch(sents)[0], None, None
+    src, bert_ids, bert_mask = batch(sents)[0], None, None
     # without min_len the construction does what it should: eos first, empty translations
-    assert greedy_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1, min_len=0)) == [[]] * 5
-    assert all(h[0][0] == [] for h in beam_search(model, src, enc_ids, enc_mask, DecodeOptions(min_len=0)))
+    assert greedy_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=1, min_len=0)) == [[]] * 5
+    assert all(h[0][0] == [] for h in beam_search(model, src, bert_ids, bert_mask, DecodeOptions(min_len=0)))
     # the default: at least one token, and eos right after it (it is still by far the likeliest)
     assert DecodeOptions().min_len == EvalConfig().min_len == 1
-    assert [len(h) for h in greedy_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1))] == [1] * 5
-    for nbest in beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=4, nbest=4)):
+    assert [len(h) for h in greedy_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=1))] == [1] * 5
+    for nbest in beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=4, nbest=4)):
         assert len(nbest) == 4 and all(len(toks) == 1 for toks, _ in nbest)
-    for nbest in beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=4, nbest=4, min_len=3)):
+    for nbest in beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=4, nbest=4, min_len=3)):
         assert all(len(toks) == 3 for toks, _ in nbest)
     # the max length wins over min_len: eos forced after 2 tokens, with a finite score
-    for nbest in beam_search(model, src, enc_ids, enc_mask, DecodeOptions(max_len_a=0.0, max_len_b=2, min_len=5)):
+    for nbest in beam_search(model, src, bert_ids, bert_mask, DecodeOptions(max_len_a=0.0, max_len_b=2, min_len=5)):
         assert len(nbest[0][0]) == 2 and np.isfinite(nbest[0][1])
 
 
@@ -65,17 +65,17 @@ def test_max_length_rule():
 def test_check_every_k_steps_equals_checking_every_step(beam):
     model = favour_eos(make_model(None, seed=5), bonus=0.0, per_step=0.5).eval()  # sentences end at different steps
     sents = random_sents(9, 1, 9, seed=12)
-    src, enc_ids, enc_mask = batch(sents)[0], None, None
-    ref = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=beam, nbest=beam, max_len_b=6, check_every=1))
+    src, bert_ids, bert_mask = batch(sents)[0], None, None
+    ref = beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=beam, nbest=beam, max_len_b=6, check_every=1))
     limits = max_lengths(src, DecodeOptions(max_len_b=6)).tolist()
     assert any(len(nb[0][0]) < n for nb, n in zip(ref, limits))  # some sentences end before their max length
     for k in (3, 8, 100):
-        got = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=beam, nbest=beam, max_len_b=6, check_every=k))
+        got = beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=beam, nbest=beam, max_len_b=6, check_every=k))
         for a, b in zip(ref, got):
             assert [t for t, _ in a] == [t for t, _ in b]
             assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)
-        greedy = greedy_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1, max_len_b=6, check_every=k))
-        assert greedy == [h[0][0] for h in beam_search(model, src, enc_ids, enc_mask,
+        greedy = greedy_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=1, max_len_b=6, check_every=k))
+        assert greedy == [h[0][0] for h in beam_search(model, src, bert_ids, bert_mask,
                                                          DecodeOptions(beam=1, max_len_b=6, check_every=1))]
 
 
@@ -121,19 +121,19 @@ def test_decode_corpus_restores_input_order_and_batches_alike(bert):
     model = make_model(bert, seed=6).eval()
     sents = random_sents(8, 1, 8, seed=14)
     src_ids = [np.asarray(s, dtype=np.int32) for s in sents]
-    enc_ids = [np.asarray([101] + [1000 + t for t in s] + [102], dtype=np.int32) for s in sents]
+    bert_ids = [np.asarray([101] + [1000 + t for t in s] + [102], dtype=np.int32) for s in sents]
     opts = DecodeOptions(beam=3, nbest=3, max_len_b=4)
     direct = beam_search(model, *batch(sents), opts)  # one batch, input order
     for kw in (dict(max_tokens=10**6), dict(max_tokens=3 * 12 * 2), dict(max_sents=1)):
         o = DecodeOptions(**{**opts.__dict__, **kw})
-        n_batches = len(length_batches([len(s) for s in src_ids], [len(e) for e in enc_ids], 3, o.max_tokens or 10**6,
+        n_batches = len(length_batches([len(s) for s in src_ids], [len(e) for e in bert_ids], 3, o.max_tokens or 10**6,
                                        o.max_sents))
         assert (n_batches == 1) == ("max_tokens" in kw and kw["max_tokens"] == 10**6)
-        got = decode_corpus(model, src_ids, enc_ids, o, CPU, enc_pad_id=0)
+        got = decode_corpus(model, src_ids, bert_ids, o, CPU, bert_pad_id=0)
         for a, b in zip(direct, got):
             assert [t for t, _ in a] == [t for t, _ in b]
             assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-4)
-    greedy = decode_corpus(model, src_ids, enc_ids, DecodeOptions(beam=1, max_len_b=4, max_tokens=40), CPU, 0)
+    greedy = decode_corpus(model, src_ids, bert_ids, DecodeOptions(beam=1, max_len_b=4, max_tokens=40), CPU, 0)
     assert [h[0][0] for h in greedy] == greedy_search(model, *batch(sents), DecodeOptions(beam=1, max_len_b=4))
     assert all(h[0][1] is None for h in greedy)
 

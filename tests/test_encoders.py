@@ -74,20 +74,20 @@ def test_features_ignore_padding_and_pick_the_layer(family: str, encoders: dict[
     sents = (texts[1] if family in KOREAN_FAMILIES else texts[0])[2000:2004]
     ids, _ = tok.encode_batch(sents)
     width = max(map(len, ids))
-    enc_ids = torch.full((len(ids), width), tok.pad_id, dtype=torch.long)  # (B, E) right-padded
-    enc_mask = torch.zeros(len(ids), width, dtype=torch.long)  # (B, E)
+    bert_ids = torch.full((len(ids), width), tok.pad_id, dtype=torch.long)  # (B, E) right-padded
+    bert_mask = torch.zeros(len(ids), width, dtype=torch.long)  # (B, E)
     for i, seq in enumerate(ids):
-        enc_ids[i, : len(seq)] = torch.tensor(seq)
-        enc_mask[i, : len(seq)] = 1
+        bert_ids[i, : len(seq)] = torch.tensor(seq)
+        bert_mask[i, : len(seq)] = 1
     for layer in (-1, 1):
         enc = PretrainedEncoder(BertConfig(path=encoders[family], layer=layer))
         enc.set_frozen(True)
-        h = enc(enc_ids, enc_mask)  # (B, E, 32)
+        h = enc(bert_ids, bert_mask)  # (B, E, 32)
         assert h.shape == (len(ids), width, 32)
         for i, seq in enumerate(ids):  # a sentence alone gives the features it has inside a padded batch
-            alone = enc(enc_ids[i : i + 1, : len(seq)], enc_mask[i : i + 1, : len(seq)])
+            alone = enc(bert_ids[i : i + 1, : len(seq)], bert_mask[i : i + 1, : len(seq)])
             torch.testing.assert_close(h[i, : len(seq)], alone[0], atol=1e-5, rtol=1e-5)
-    out = enc.model(input_ids=enc_ids, attention_mask=enc_mask, output_hidden_states=True)
+    out = enc.model(input_ids=bert_ids, attention_mask=bert_mask, output_hidden_states=True)
     assert torch.equal(h, out.hidden_states[1])  # layer=1: the output of the first block
     assert not torch.equal(h, out.last_hidden_state)
 

@@ -74,17 +74,17 @@ def test_cached_features_equal_the_live_encoder(bert_path: str, tmp_path: Path) 
     model.bert.eval()
     with torch.no_grad():
         for i in (0, 5, 23):  # each sentence alone, unpadded, against the batched, padded, stored one
-            ids = torch.from_numpy(train.enc_ids[i].astype(np.int64))[None]
+            ids = torch.from_numpy(train.bert_ids[i].astype(np.int64))[None]
             live = model.bert(ids, torch.ones_like(ids))[0].numpy()  # (E, Hb)
             cached = stores["train"].get(i).astype(np.float32)
             assert cached.shape == live.shape
             np.testing.assert_allclose(cached, live, rtol=2e-3, atol=2e-3)
     # the batch carries the padded features next to the encoder ids
-    loader = make_loader(train, max_tokens=100, seed=1, shuffle=True, enc_pad_id=0, features=stores["train"])
+    loader = make_loader(train, max_tokens=100, seed=1, shuffle=True, bert_pad_id=0, features=stores["train"])
     b = next(iter(loader))
-    assert b.bert_feats is not None and b.bert_feats.shape == (*b.enc_ids.shape, 32) and b.bert_feats.dtype == torch.float16
-    assert torch.all(b.bert_feats[b.enc_mask.eq(0)] == 0)
-    assert torch.equal(b.bert_feats[0, : int(b.enc_mask[0].sum())].float(),
+    assert b.bert_feats is not None and b.bert_feats.shape == (*b.bert_ids.shape, 32) and b.bert_feats.dtype == torch.float16
+    assert torch.all(b.bert_feats[b.bert_mask.eq(0)] == 0)
+    assert torch.equal(b.bert_feats[0, : int(b.bert_mask[0].sum())].float(),
                        torch.from_numpy(stores["train"].get(int(b.indices[0])).astype(np.float32)))
 
 
@@ -143,7 +143,7 @@ def make_trainer(bert_path: str, data: PreparedData, freeze: FreezeConfig, run_d
                                        compile=compile))
     torch.manual_seed(123)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, model, data, policy, run_dir, "fused", {}, enc_pad_id=0, features=stores)
+    trainer = Trainer(cfg, model, data, policy, run_dir, "fused", {}, bert_pad_id=0, features=stores)
     losses: list[float] = []
     inner = trainer._forward_loss
 

@@ -38,7 +38,7 @@ def test_counted_flops_match_torch(tmp_path: Path, variant: str) -> None:
     h_b = bert(enc, mask).detach()  # (B, E, Hb)
     bert_out = (h_b, mask.eq(0)) if cfg.fused else None
     with torch.no_grad():
-        got = counted(lambda: model(src, tgt, bert_out=bert_out))
+        got = counted(lambda: model(src, tgt, bert_features=bert_out))
         assert got == nmt_forward_flops(cfg, 50, B, S, T, E, 32)
         dims = EncoderDims.from_hf(bert.model.config)
         assert counted(lambda: bert(enc, mask)) == encoder_forward_flops(dims, B, E)
@@ -67,6 +67,6 @@ def test_beam_decode_flops_match_torch(tmp_path: Path) -> None:
         torch.manual_seed(0)
         model = BertFusedTransformer(replace(CFG, fused=fused), 50, 0, bert if fused else None).eval()
         got = counted(lambda: beam_search(model, src, opts=DecodeOptions(beam=K, max_len_a=0.0, max_len_b=L, min_len=L),
-                                          bert_out=h_b if fused else None))
+                                          bert_features=h_b if fused else None))
         # L tokens then the forced eos: L + 1 decoder steps
         assert got == beam_decode_flops(CFG, 50, B, S, E, K, L + 1, 32, fused=fused)

@@ -373,7 +373,7 @@ def make_trainer(bert_path: str, freeze: FreezeConfig, epochs: int, run_dir: Pat
     torch.manual_seed(123)
     run_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(trainer_cfg(freeze, epochs), fused_model(bert_path), fake_data(), FreezePolicy(freeze), run_dir,
-                   "fused", {}, enc_pad_id=0, resume=resume)
+                   "fused", {}, bert_pad_id=0, resume=resume)
 
 
 def test_trainer_reports_each_epoch_and_logs_the_switch(bert_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

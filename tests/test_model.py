@@ -49,16 +49,16 @@ def make_batch(B: int = 3, S: int = 7, T: int = 6, E: int = 9, seed: int = 1, vo
     src = torch.randint(4, vocab, (B, S), generator=g)
     tgt = torch.randint(4, vocab, (B, T), generator=g)
     tgt[:, 0] = BOS
-    enc_ids = torch.randint(1000, 2000, (B, E), generator=g)
-    enc_mask = torch.ones(B, E, dtype=torch.long)
+    bert_ids = torch.randint(1000, 2000, (B, E), generator=g)
+    bert_mask = torch.ones(B, E, dtype=torch.long)
     for b in range(B):
         s, t, e = S - 2 * b, T - b, E - 3 * b
         src[b, s:] = PAD
         src[b, s - 1] = EOS
         tgt[b, t:] = PAD
-        enc_ids[b, e:] = 0
-        enc_mask[b, e:] = 0
-    return src, tgt, enc_ids, enc_mask
+        bert_ids[b, e:] = 0
+        bert_mask[b, e:] = 0
+    return src, tgt, bert_ids, bert_mask
 
 
 def test_layer_and_model_shapes(bert_path):
@@ -70,11 +70,11 @@ def test_layer_and_model_shapes(bert_path):
     assert FusedDecoderLayer(cfg, bert_dim=48)(y, x, pad, hb, bpad).shape == (2, 4, 32)
 
     model = make_model(bert_path)
-    src, tgt, enc_ids, enc_mask = make_batch()
-    enc = model.encode(src, enc_ids, enc_mask)
+    src, tgt, bert_ids, bert_mask = make_batch()
+    enc = model.encode(src, bert_ids, bert_mask)
     assert enc.enc_out.shape == (3, 7, 32) and enc.bert_out.shape == (3, 9, 32)
-    assert torch.equal(enc.bert_pad, enc_mask.eq(0)) and torch.equal(enc.src_pad, src.eq(PAD))
-    assert model(src, tgt, enc_ids, enc_mask).shape == (3, 6, V)
+    assert torch.equal(enc.bert_pad, bert_mask.eq(0)) and torch.equal(enc.src_pad, src.eq(PAD))
+    assert model(src, tgt, bert_ids, bert_mask).shape == (3, 6, V)
     plain = make_model(None, fused=False)
     assert plain.bert is None and plain(src, tgt).shape == (3, 6, V)
     assert not any(".bert_attn." in k for k in plain.state_dict())
@@ -82,25 +82,25 @@ def test_layer_and_model_shapes(bert_path):
 
 def test_bert_padding_is_masked(bert_path):
     model = make_model(bert_path).eval()
-    src, tgt, enc_ids, enc_mask = make_batch()
+    src, tgt, bert_ids, bert_mask = make_batch()
     with torch.no_grad():
-        ref = model(src, tgt, enc_ids, enc_mask)
-        ids2 = enc_ids.masked_fill(enc_mask.eq(0), 1234)  # other ids under mask = 0
-        assert torch.allclose(model(src, tgt, ids2, enc_mask), ref, atol=1e-5)
-        h_b, b_pad = model.bert_features(enc_ids, enc_mask)
+        ref = model(src, tgt, bert_ids, bert_mask)
+        ids2 = bert_ids.masked_fill(bert_mask.eq(0), 1234)  # other ids under mask = 0
+        assert torch.allclose(model(src, tgt, ids2, bert_mask), ref, atol=1e-5)
+        h_b, b_pad = model.bert_features(bert_ids, bert_mask)
         h_b2 = h_b.masked_fill(b_pad.unsqueeze(-1), 0.0) + 100.0 * b_pad.unsqueeze(-1)  # junk at pads
-        assert torch.allclose(model(src, tgt, bert_out=(h_b2, b_pad)), ref, atol=1e-5)
+        assert torch.allclose(model(src, tgt, bert_features=(h_b2, b_pad)), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("pre_ln", [False, True])
 def test_padding_invariance(bert_path, pre_ln):
     model = make_model(bert_path, pre_ln=pre_ln).eval()
-    src, tgt, enc_ids, enc_mask = make_batch()
+    src, tgt, bert_ids, bert_mask = make_batch()
     pad = lambda t, n: torch.cat([t, torch.zeros(t.size(0), n, dtype=t.dtype)], dim=1)  # noqa: E731
     with torch.no_grad():
-        ref = model(src, tgt, enc_ids, enc_mask)
-        more = model(pad(src, 4), pad(tgt, 3), pad(enc_ids, 5), pad(enc_mask, 5))[:, : tgt.size(1)]
-        single = model(src[2:], tgt[2:], enc_ids[2:], enc_mask[2:])
+        ref = model(src, tgt, bert_ids, bert_mask)
+        more = model(pad(src, 4), pad(tgt, 3), pad(bert_ids, 5), pad(bert_mask, 5))[:, : tgt.size(1)]
+        single = model(src[2:], tgt[2:], bert_ids[2:], bert_mask[2:])
     real = tgt.ne(PAD)
     assert torch.allclose(more[real], ref[real], atol=1e-5)
     assert torch.allclose(single[0][real[2]], ref[2][real[2]], atol=1e-5)
@@ -130,8 +130,8 @@ def test_skipped_branch_is_not_computed(bert_path, monkeypatch, enc_w, dec_w):
     monkeypatch.setattr(enc, "drop_net_weights", lambda p, training: enc_w)
     monkeypatch.setattr(dec, "drop_net_weights", lambda p, training: dec_w)
     model = make_model(bert_path).train()
-    src, tgt, enc_ids, enc_mask = make_batch()
-    model(src, tgt, enc_ids, enc_mask).sum().backward()
+    src, tgt, bert_ids, bert_mask = make_batch()
+    model(src, tgt, bert_ids, bert_mask).sum().backward()
     for name, p in model.named_parameters():
         if name.startswith("bert."):
             continue
@@ -154,10 +154,10 @@ def test_frozen_encoder_stays_bit_identical(bert_path):
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.01)  # ALL parameters
-    src, tgt, enc_ids, enc_mask = make_batch()
+    src, tgt, bert_ids, bert_mask = make_batch()
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
-        model(src, tgt, enc_ids, enc_mask).logsumexp(-1).mean().backward()
+        model(src, tgt, bert_ids, bert_mask).logsumexp(-1).mean().backward()
         opt.step()
     after = model.state_dict()
     for k, v in before.items():
@@ -165,12 +165,12 @@ def test_frozen_encoder_stays_bit_identical(bert_path):
             assert torch.equal(after[k], v), k
     assert not torch.equal(after["encoder.layers.0.bert_attn.k_proj.weight"],
                            before["encoder.layers.0.bert_attn.k_proj.weight"])
-    h_b, _ = model.bert_features(enc_ids, enc_mask)
+    h_b, _ = model.bert_features(bert_ids, bert_mask)
     assert not h_b.requires_grad and h_b.grad_fn is None
 
     model.bert.set_frozen(False)  # unfreeze restores training mode and gradients
     assert hf.training and all(p.requires_grad for p in model.bert.parameters())
-    assert model.bert(enc_ids, enc_mask).requires_grad
+    assert model.bert(bert_ids, bert_mask).requires_grad
 
 
 def test_warm_start_from_plain(bert_path):
@@ -191,8 +191,8 @@ def test_pre_ln_runs(bert_path):
     model = make_model(bert_path, pre_ln=True)
     assert model.encoder.final_ln is not None and model.decoder.final_ln is not None
     assert make_model(bert_path).encoder.final_ln is None
-    src, tgt, enc_ids, enc_mask = make_batch()
-    out = model(src, tgt, enc_ids, enc_mask)
+    src, tgt, bert_ids, bert_mask = make_batch()
+    out = model(src, tgt, bert_ids, bert_mask)
     out.mean().backward()
     assert torch.isfinite(out).all()
 
@@ -205,15 +205,15 @@ def test_nmt_state_dict_has_no_bert(bert_path):
 
 
 def test_layer_choice(bert_path):
-    _, _, enc_ids, enc_mask = make_batch()
+    _, _, bert_ids, bert_mask = make_batch()
     last = PretrainedEncoder(BertConfig(path=bert_path, layer=-1)).eval()
     first = PretrainedEncoder(BertConfig(path=bert_path, layer=1)).eval()
     top = PretrainedEncoder(BertConfig(path=bert_path, layer=2)).eval()
     with torch.no_grad():
-        ref = last.model(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
-        h_last, h_first = last(enc_ids, enc_mask), first(enc_ids, enc_mask)
+        ref = last.model(input_ids=bert_ids, attention_mask=bert_mask).last_hidden_state
+        h_last, h_first = last(bert_ids, bert_mask), first(bert_ids, bert_mask)
         assert torch.equal(h_last, ref)
-        assert torch.allclose(top(enc_ids, enc_mask), ref, atol=1e-6)
+        assert torch.allclose(top(bert_ids, bert_mask), ref, atol=1e-6)
         assert not torch.allclose(h_first, h_last, atol=1e-3)
     assert last.hidden_size == 32
     with pytest.raises(ConfigError, match="bert.layer"):

@@ -56,7 +56,7 @@ def fused_trainer(bert_path: str, tmp_path: Path, freeze: FreezeConfig, clip: fl
     model = fused_model(bert_path)
     policy = frozen_policy(model, freeze)
     stores = build_cache(model, data, policy) if cached else None
-    return Trainer(trainer_cfg(FUSED, freeze, clip), model, data, policy, tmp_path / "run", "fused", {}, enc_pad_id=0,
+    return Trainer(trainer_cfg(FUSED, freeze, clip), model, data, policy, tmp_path / "run", "fused", {}, bert_pad_id=0,
                    features=stores)
 
 

@@ -57,17 +57,17 @@ def random_sents(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
 
 def batch(sents: list[list[int]]):
     src = pad_seqs([s + [EOS] for s in sents])
-    enc_ids, enc_mask = encoder_view(sents)
-    return src, enc_ids, enc_mask
+    bert_ids, bert_mask = encoder_view(sents)
+    return src, bert_ids, bert_mask
 
 
 @pytest.mark.parametrize("pre_ln", [False, True])
 def test_incremental_matches_full_pass(bert, pre_ln):
     model = make_model(bert, pre_ln=pre_ln).eval()
-    src, enc_ids, enc_mask = batch(random_sents(4, 3, 9, seed=1))
+    src, bert_ids, bert_mask = batch(random_sents(4, 3, 9, seed=1))
     tgt_in = pad_seqs([[BOS] + s for s in random_sents(4, 2, 8, seed=2)])
     with torch.no_grad():
-        enc = model.encode(src, enc_ids, enc_mask)
+        enc = model.encode(src, bert_ids, bert_mask)
         full = F.log_softmax(model.decode(tgt_in, enc), dim=-1)  # (B, T, V)
         state = model.init_decoder_state(enc)
         steps = [F.log_softmax(model.decode(tgt_in[:, t : t + 1], None, state), dim=-1)
@@ -81,10 +81,10 @@ def test_incremental_matches_full_pass(bert, pre_ln):
 def test_beams_share_static_keys(bert):
     """expand(K) shares each sentence's cross/BERT keys among its beams: same logits as copies."""
     model = make_model(bert).eval()
-    src, enc_ids, enc_mask = batch(random_sents(3, 3, 9, seed=3))
+    src, bert_ids, bert_mask = batch(random_sents(3, 3, 9, seed=3))
     steps = torch.randint(4, V, (3 * 4, 3), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        enc = model.encode(src, enc_ids, enc_mask)
+        enc = model.encode(src, bert_ids, bert_mask)
         shared = model.init_decoder_state(enc).expand(4)
         rep = lambda t: t.repeat_interleave(4, dim=0)  # noqa: E731
         copied = model.init_decoder_state(
@@ -121,15 +121,15 @@ def copy_model(bert) -> tuple[BertFusedTransformer, list[list[int]]]:
     """A tiny fused model overfit on a copy task of 6 sentences."""
     sents = random_sents(6, 3, 8, seed=5)
     model = make_model(bert, seed=0, drop_net=0.0)  # both branches always: training independent of drop-net draws
-    src, enc_ids, enc_mask = batch(sents)
+    src, bert_ids, bert_mask = batch(sents)
     tgt_in = pad_seqs([[BOS] + s for s in sents])
     tgt_out = pad_seqs([s + [EOS] for s in sents])
-    bert_out = model.bert_features(enc_ids, enc_mask)  # frozen: computed once
+    bert_out = model.bert_features(bert_ids, bert_mask)  # frozen: computed once
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(150):
         opt.zero_grad(set_to_none=True)
-        logits = model(src, tgt_in, bert_out=bert_out)
+        logits = model(src, tgt_in, bert_features=bert_out)
         F.cross_entropy(logits.view(-1, V), tgt_out.view(-1), ignore_index=PAD).backward()
         opt.step()
     return model.eval(), sents
@@ -137,18 +137,18 @@ def copy_model(bert) -> tuple[BertFusedTransformer, list[list[int]]]:
 
 def test_overfit_copy_task_is_reproduced(copy_model):
     model, sents = copy_model
-    src, enc_ids, enc_mask = batch(sents)
-    hyps = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=5))
+    src, bert_ids, bert_mask = batch(sents)
+    hyps = beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=5))
     assert [h[0][0] for h in hyps] == sents
-    assert greedy_search(model, src, enc_ids, enc_mask) == sents
+    assert greedy_search(model, src, bert_ids, bert_mask) == sents
 
 
 @pytest.mark.parametrize("trained", [False, True])
 def test_beam1_equals_greedy(bert, copy_model, trained):
     model = copy_model[0] if trained else make_model(bert, seed=3)
-    src, enc_ids, enc_mask = batch(random_sents(7, 2, 9, seed=7))
-    greedy = greedy_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1, max_len_a=1.0, max_len_b=5))
-    beam = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1, max_len_a=1.0, max_len_b=5))
+    src, bert_ids, bert_mask = batch(random_sents(7, 2, 9, seed=7))
+    greedy = greedy_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=1, max_len_a=1.0, max_len_b=5))
+    beam = beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=1, max_len_a=1.0, max_len_b=5))
     assert [h[0][0] for h in beam] == greedy
 
 
@@ -156,8 +156,8 @@ def test_beam1_equals_greedy(bert, copy_model, trained):
 def test_beam5_nbest_sorted_clean_and_bounded(bert, copy_model, trained):
     model = copy_model[0] if trained else make_model(bert, seed=3)
     sents = random_sents(6, 2, 9, seed=8)
-    src, enc_ids, enc_mask = batch(sents)
-    hyps = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=5, nbest=3, max_len_a=1.5, max_len_b=3))
+    src, bert_ids, bert_mask = batch(sents)
+    hyps = beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=5, nbest=3, max_len_a=1.5, max_len_b=3))
     assert len(hyps) == len(sents)
     for s, nb in zip(sents, hyps):
         assert len(nb) == 3
@@ -174,8 +174,8 @@ def test_batch_equals_one_by_one(bert, copy_model, trained):
     """Sentences that finish early leave the batch without changing the others' results."""
     model = copy_model[0] if trained else make_model(bert, seed=4)
     sents = random_sents(5, 1, 9, seed=9) if not trained else copy_model[1][:5]
-    src, enc_ids, enc_mask = batch(sents)
-    together = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=5, nbest=5, max_len_b=4))
+    src, bert_ids, bert_mask = batch(sents)
+    together = beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=5, nbest=5, max_len_b=4))
     for i, s in enumerate(sents):
         alone = beam_search(model, *batch([s]), DecodeOptions(beam=5, nbest=5, max_len_b=4))[0]
         assert [t for t, _ in alone] == [t for t, _ in together[i]]

@@ -74,9 +74,9 @@ def layers_with_bert_attn(stack) -> list[int]:
 @pytest.mark.parametrize("name, model_kw, bert_kw", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_variant_shapes_incremental_and_search(bert_path, name, model_kw, bert_kw):
     model = build(bert_path, model_kw, bert_kw).eval()
-    src, tgt, enc_ids, enc_mask = make_batch()
+    src, tgt, bert_ids, bert_mask = make_batch()
     with torch.no_grad():
-        enc = model.encode(src, enc_ids, enc_mask)
+        enc = model.encode(src, bert_ids, bert_mask)
         full = F.log_softmax(model.decode(tgt, enc), dim=-1)  # (B, T, V)
         state = model.init_decoder_state(enc)
         inc = torch.cat([F.log_softmax(model.decode(tgt[:, t : t + 1], None, state), dim=-1)
@@ -86,11 +86,11 @@ def test_variant_shapes_incremental_and_search(bert_path, name, model_kw, bert_k
     assert torch.allclose(inc[real], full[real], atol=1e-5)
     if model.cfg.bert_input in ("embedding", "replace") and model.cfg.fused:
         # the decoder's memory runs over the pretrained encoder's tokens
-        assert enc.enc_out.shape[:2] == enc_ids.shape and torch.equal(enc.src_pad, enc_mask.eq(0))
+        assert enc.enc_out.shape[:2] == bert_ids.shape and torch.equal(enc.src_pad, bert_mask.eq(0))
     else:
         assert enc.enc_out.shape == (3, 7, model.cfg.d_model)
-    greedy = greedy_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1, max_len_b=5))
-    beam = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=1, max_len_b=5))
+    greedy = greedy_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=1, max_len_b=5))
+    beam = beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=1, max_len_b=5))
     assert [h[0][0] for h in beam] == greedy  # beam 1 = greedy, through the same incremental state
     assert all(len(h) <= 1.5 * 7 + 5 for h in greedy)
 
@@ -135,10 +135,10 @@ def test_stacked_layer_is_two_residual_sublayers(bert_path):
         assert torch.allclose(layer(x, pad, hb, bpad), want, atol=1e-6)
     assert param_group("encoder.layers.0.bert_attn_ln.weight") == "fusion"
     model.train()  # drop-net does not apply: both sublayers get gradients in every step
-    src, tgt, enc_ids, enc_mask = make_batch()
+    src, tgt, bert_ids, bert_mask = make_batch()
     for _ in range(3):
         model.zero_grad(set_to_none=True)
-        model(src, tgt, enc_ids, enc_mask).sum().backward()
+        model(src, tgt, bert_ids, bert_mask).sum().backward()
         assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("bert."))
 
 
@@ -154,12 +154,12 @@ def test_layer_mix_trains_while_the_encoder_is_frozen(bert_path):
     assert model.bert_mix.weights.requires_grad and model.bert_mix.gamma.requires_grad
     assert not any(p.requires_grad for p in model.bert.parameters())
     assert not any(m.training for m in model.bert.modules())  # the frozen encoder stays in eval mode
-    src, tgt, enc_ids, enc_mask = make_batch()
+    src, tgt, bert_ids, bert_mask = make_batch()
     with torch.no_grad():  # zero weights, gamma 1: the plain average of the hidden states
-        states = model.bert.model(input_ids=enc_ids, attention_mask=enc_mask, output_hidden_states=True).hidden_states
-        h_b, _ = model.bert_features(enc_ids, enc_mask)
+        states = model.bert.model(input_ids=bert_ids, attention_mask=bert_mask, output_hidden_states=True).hidden_states
+        h_b, _ = model.bert_features(bert_ids, bert_mask)
         assert torch.allclose(h_b, torch.stack(states).mean(0), atol=1e-6)
-    model(src, tgt, enc_ids, enc_mask).sum().backward()
+    model(src, tgt, bert_ids, bert_mask).sum().backward()
     assert model.bert_mix.weights.grad is not None and model.bert_mix.weights.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.bert.parameters())
 
@@ -172,16 +172,16 @@ def test_feature_based_and_replaced_encoder(bert_path):
     assert rep.encoder is None and rep.bert_proj is None
     assert not any(".bert_attn" in k for k in rep.state_dict())
     assert rep.decoder.layers[0].cross_attn.k_proj.weight.shape == (24, 32)  # keys from the encoder's width
-    src, tgt, enc_ids, enc_mask = make_batch()
+    src, tgt, bert_ids, bert_mask = make_batch()
     rep.eval()  # the unfrozen encoder's dropout is on in training
     with torch.no_grad():
-        assert torch.equal(rep.encode(src, enc_ids, enc_mask).enc_out, rep.bert(enc_ids, enc_mask))  # H_E is H_B
+        assert torch.equal(rep.encode(src, bert_ids, bert_mask).enc_out, rep.bert(bert_ids, bert_mask))  # H_E is H_B
     policy = FreezePolicy(FreezeConfig(policy="finetune"))
     policy.apply(rep, epoch=1)
     rep.train()
     policy.apply(rep, epoch=1)
     assert rep.bert.model.training and all(p.requires_grad for p in rep.bert.parameters())
-    rep(src, tgt, enc_ids, enc_mask).sum().backward()
+    rep(src, tgt, bert_ids, bert_mask).sum().backward()
     assert rep.bert.model.embeddings.word_embeddings.weight.grad is not None  # the encoder is fine-tuned
     assert policy.report(rep)["params_by_group"].get("encoder") is None
 
@@ -202,9 +202,9 @@ def test_random_features_are_fixed_per_sentence():
 def test_random_features_do_not_run_the_encoder(bert_path, monkeypatch):
     model = build(bert_path, {}, {"features": "random"})
     monkeypatch.setattr(model.bert.model, "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
-    _, _, enc_ids, enc_mask = make_batch()
-    h_b, pad = model.bert_features(enc_ids, enc_mask)
-    assert torch.equal(h_b, random_features(enc_ids, enc_mask, 32))
+    _, _, bert_ids, bert_mask = make_batch()
+    h_b, pad = model.bert_features(bert_ids, bert_mask)
+    assert torch.equal(h_b, random_features(bert_ids, bert_mask, 32))
 
 
 def test_random_encoder_is_reproducible_and_not_pretrained(bert_path):
@@ -249,10 +249,10 @@ def test_frozen_policy_leaves_the_encoder_untouched(bert_path, name, model_kw, b
     assert model.bert.frozen and not model.bert.model.training
     before = {k: v.clone() for k, v in model.bert.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    src, tgt, enc_ids, enc_mask = make_batch()
+    src, tgt, bert_ids, bert_mask = make_batch()
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
-        model(src, tgt, enc_ids, enc_mask).logsumexp(-1).mean().backward()
+        model(src, tgt, bert_ids, bert_mask).logsumexp(-1).mean().backward()
         opt.step()
     assert all(torch.equal(v, model.bert.state_dict()[k]) for k, v in before.items())
     rep = policy.report(model)

@@ -34,7 +34,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         self,
         src_lens: Sequence[int],
         tgt_lens: Sequence[int],
-        enc_lens: Sequence[int] | None = None,
+        bert_lens: Sequence[int] | None = None,
         max_tokens: int = 4096,
         seed: int = 1,
         shuffle: bool = True,
@@ -46,8 +46,8 @@ class TokenBatchSampler(Sampler[list[int]]):
         if src.shape != tgt.shape:
             raise ValueError(f"{len(src)} source lengths but {len(tgt)} target lengths")
         widths = np.maximum(src + 1, tgt + 1)
-        if enc_lens is not None:
-            enc = np.asarray(enc_lens, dtype=np.int64)
+        if bert_lens is not None:
+            enc = np.asarray(bert_lens, dtype=np.int64)
             if enc.shape != src.shape:
                 raise ValueError(f"{len(src)} source lengths but {len(enc)} encoder lengths")
             widths = np.maximum(widths, enc)

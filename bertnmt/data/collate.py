@@ -20,7 +20,7 @@ Sample = tuple[int, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None
 
 
 class PairDataset(Dataset):
-    """Items of one split: ``(index, src_ids, tgt_ids, enc_ids or None, features or None)``.
+    """Items of one split: ``(index, src_ids, tgt_ids, bert_ids or None, features or None)``.
 
     ``features`` (the frozen encoder's cached H_B, see :mod:`bertnmt.data.features`) can be switched
     off at any time by setting the attribute to None: the trainer does so when the encoder starts to train.
@@ -28,7 +28,7 @@ class PairDataset(Dataset):
 
     def __init__(self, split: Split, with_encoder: bool = True, features: FeatureStore | None = None):
         self.split = split
-        self.with_encoder = with_encoder and split.enc_ids is not None
+        self.with_encoder = with_encoder and split.bert_ids is not None
         self.features = features if self.with_encoder else None
         # a split cut to its first n sentences (decoding.head) keeps using the whole split's features
         if self.features is not None and len(self.features) < len(split.src_ids):
@@ -38,7 +38,7 @@ class PairDataset(Dataset):
         return len(self.split.src_ids)
 
     def __getitem__(self, i: int) -> Sample:
-        enc = self.split.enc_ids[i] if self.with_encoder else None
+        enc = self.split.bert_ids[i] if self.with_encoder else None
         feats = self.features.get(i) if self.features is not None else None
         return i, self.split.src_ids[i], self.split.tgt_ids[i], enc, feats
 
@@ -48,8 +48,8 @@ class Batch:
     src: Tensor  # (B, S) long, SentencePiece ids + eos, right-padded with pad_id
     tgt_in: Tensor  # (B, T) long, bos + ids, right-padded
     tgt_out: Tensor  # (B, T) long, ids + eos, right-padded
-    enc_ids: Tensor | None  # (B, E) long, encoder ids, right-padded with the encoder's pad id
-    enc_mask: Tensor | None  # (B, E) long, 1 = real token (HF attention_mask convention)
+    bert_ids: Tensor | None  # (B, E) long, encoder ids, right-padded with the encoder's pad id
+    bert_mask: Tensor | None  # (B, E) long, 1 = real token (HF attention_mask convention)
     bert_feats: Tensor | None  # (B, E, Hb) fp16 cached H_B, zero at padding; None = compute it live
     indices: Tensor  # (B,) positions of these sentences in the split
     ntokens: int  # non-pad target tokens (tgt_out != pad)
@@ -67,8 +67,8 @@ class Batch:
             src=fn(self.src),
             tgt_in=fn(self.tgt_in),
             tgt_out=fn(self.tgt_out),
-            enc_ids=opt(self.enc_ids),
-            enc_mask=opt(self.enc_mask),
+            bert_ids=opt(self.bert_ids),
+            bert_mask=opt(self.bert_mask),
             bert_feats=opt(self.bert_feats),
             indices=fn(self.indices),
             ntokens=self.ntokens,
@@ -106,7 +106,7 @@ def _pad(seqs: list[np.ndarray], pad_id: int, prefix: int | None = None, suffix:
 
 def collate(
     samples: list[Sample],
-    enc_pad_id: int | None = None,
+    bert_pad_id: int | None = None,
     pad_id: int = SubwordVocab.pad_id,
     bos_id: int = SubwordVocab.bos_id,
     eos_id: int = SubwordVocab.eos_id,
@@ -119,16 +119,16 @@ def collate(
     m = max(1, pad_multiple)
     indices, src, tgt, enc, feats = zip(*samples)
     tgt_out = _pad(list(tgt), pad_id, suffix=eos_id, multiple=m)  # (B, T)
-    enc_ids = enc_mask = None
+    bert_ids = bert_mask = None
     if enc[0] is not None:
-        if enc_pad_id is None:
-            raise ValueError("samples carry encoder ids: pass enc_pad_id")
-        enc_ids = _pad(list(enc), enc_pad_id, multiple=m)  # (B, E)
+        if bert_pad_id is None:
+            raise ValueError("samples carry encoder ids: pass bert_pad_id")
+        bert_ids = _pad(list(enc), bert_pad_id, multiple=m)  # (B, E)
         lengths = torch.tensor([len(e) for e in enc])  # (B,)
-        enc_mask = (torch.arange(enc_ids.size(1))[None, :] < lengths[:, None]).long()  # (B, E)
+        bert_mask = (torch.arange(bert_ids.size(1))[None, :] < lengths[:, None]).long()  # (B, E)
     bert_feats = None
-    if enc_ids is not None and feats[0] is not None:
-        bert_feats = pad_features(list(feats), enc_ids.size(1))  # (B, E, Hb)
+    if bert_ids is not None and feats[0] is not None:
+        bert_feats = pad_features(list(feats), bert_ids.size(1))  # (B, E, Hb)
     flat = tgt_out.view(-1).numpy()  # (B * T,)
     idx = np.flatnonzero(flat != pad_id)  # (N,) on the host, from the collated arrays
     n_out = -(-len(idx) // OUT_MULTIPLE) * OUT_MULTIPLE if m > 1 else len(idx)
@@ -140,8 +140,8 @@ def collate(
         src=_pad(list(src), pad_id, suffix=eos_id, multiple=m),  # (B, S)
         tgt_in=_pad(list(tgt), pad_id, prefix=bos_id, multiple=m),  # (B, T)
         tgt_out=tgt_out,
-        enc_ids=enc_ids,
-        enc_mask=enc_mask,
+        bert_ids=bert_ids,
+        bert_mask=bert_mask,
         bert_feats=bert_feats,
         indices=torch.tensor(indices, dtype=torch.long),  # (B,)
         ntokens=len(idx),
@@ -155,23 +155,23 @@ def make_loader(
     max_tokens: int,
     seed: int,
     shuffle: bool,
-    enc_pad_id: int | None,
+    bert_pad_id: int | None,
     pin_memory: bool = False,
     features: FeatureStore | None = None,
     pad_multiple: int = 1,
 ) -> DataLoader:
     """DataLoader of :class:`Batch` with a :class:`TokenBatchSampler` as ``loader.batch_sampler``.
 
-    The encoder view is used when the split has ``enc_ids`` and ``enc_pad_id`` is given;
-    ``enc_pad_id=None`` leaves it out (enc fields None, budget from source/target only).
+    The encoder view is used when the split has ``bert_ids`` and ``bert_pad_id`` is given;
+    ``bert_pad_id=None`` leaves it out (enc fields None, budget from source/target only).
     ``features``: the split's cached H_B, served as ``Batch.bert_feats`` (``loader.dataset.features = None``
     switches it off). ``pad_multiple``: see :func:`collate`.
     """
-    with_encoder = split.enc_ids is not None and enc_pad_id is not None
+    with_encoder = split.bert_ids is not None and bert_pad_id is not None
     sampler = TokenBatchSampler(
         src_lens=[len(s) for s in split.src_ids],
         tgt_lens=[len(t) for t in split.tgt_ids],
-        enc_lens=[len(e) for e in split.enc_ids] if with_encoder else None,
+        bert_lens=[len(e) for e in split.bert_ids] if with_encoder else None,
         max_tokens=max_tokens,
         seed=seed,
         shuffle=shuffle,
@@ -179,7 +179,7 @@ def make_loader(
     return DataLoader(
         PairDataset(split, with_encoder=with_encoder, features=features),
         batch_sampler=sampler,
-        collate_fn=partial(collate, enc_pad_id=enc_pad_id, pad_multiple=pad_multiple),
+        collate_fn=partial(collate, bert_pad_id=bert_pad_id, pad_multiple=pad_multiple),
         num_workers=0,
         pin_memory=pin_memory,
     )

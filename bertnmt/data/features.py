@@ -89,7 +89,7 @@ def pad_features(feats: list[np.ndarray], width: int = 0) -> Tensor:
 
 def estimate_bytes(splits: dict[str, Split], hidden_size: int) -> int:
     """Disk size of the cache: every encoder token of every split times ``hidden_size`` fp16 values."""
-    tokens = sum(sum(len(e) for e in s.enc_ids) for s in splits.values() if s.enc_ids is not None)
+    tokens = sum(sum(len(e) for e in s.bert_ids) for s in splits.values() if s.bert_ids is not None)
     return tokens * hidden_size * np.dtype(DTYPE).itemsize
 
 
@@ -97,7 +97,7 @@ def feature_key(encoder_sha256: str, layer: Any, splits: dict[str, Split]) -> st
     """What determines the cached values: encoder weights, layer, the encoder ids, dtype, version."""
     h = hashlib.sha256(json.dumps([FEATURES_VERSION, encoder_sha256, str(layer), np.dtype(DTYPE).str]).encode())
     for name in sorted(splits):
-        enc = splits[name].enc_ids
+        enc = splits[name].bert_ids
         h.update(name.encode())
         if enc is not None:
             h.update(np.asarray([len(e) for e in enc], dtype=np.int64).tobytes())
@@ -106,10 +106,10 @@ def feature_key(encoder_sha256: str, layer: Any, splits: dict[str, Split]) -> st
 
 
 @torch.no_grad()
-def compute_split(encoder: torch.nn.Module, split: Split, enc_pad_id: int, out: Path, device: torch.device,
+def compute_split(encoder: torch.nn.Module, split: Split, bert_pad_id: int, out: Path, device: torch.device,
                   max_tokens: int = 4096) -> None:
     """Run the (frozen, eval-mode) encoder over ``split`` in length-sorted batches; write ``out``.npy/.offsets.npy."""
-    enc = split.enc_ids
+    enc = split.bert_ids
     assert enc is not None
     lengths = np.fromiter((len(e) for e in enc), dtype=np.int64, count=len(enc))
     offsets = np.zeros(len(enc) + 1, dtype=np.int64)
@@ -129,7 +129,7 @@ def compute_split(encoder: torch.nn.Module, split: Split, enc_pad_id: int, out: 
             end += 1
         end = max(end, start + 1)
         idx = order[start:end]
-        ids = torch.full((len(idx), width), enc_pad_id, dtype=torch.long)  # (B, E)
+        ids = torch.full((len(idx), width), bert_pad_id, dtype=torch.long)  # (B, E)
         for row, i in enumerate(idx):
             ids[row, : lengths[i]] = torch.from_numpy(enc[i].astype(np.int64))
         mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths[idx])[:, None]).long()  # (B, E)
@@ -179,7 +179,7 @@ def load_store(folder: Path, name: str) -> FeatureStore:
     return FeatureStore(values, offsets)
 
 
-def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: str, enc_pad_id: int,
+def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: str, bert_pad_id: int,
                   device: torch.device, budget_gb: float, mode: str = "auto",
                   frozen: bool = True) -> dict[str, FeatureStore] | None:
     """The cached H_B of every split, built now if needed; None (on-the-fly features) when off or too big.
@@ -196,7 +196,7 @@ def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: 
     if not frozen:
         log.info("feature cache: not used, the pretrained encoder trains from the start; H_B is computed on the fly")
         return None
-    splits = {n: s for n, s in data.splits.items() if s.enc_ids is not None}
+    splits = {n: s for n, s in data.splits.items() if s.bert_ids is not None}
     size = estimate_bytes(splits, int(encoder.hidden_size))
     # what the encoder's forward returns: its layer, or the random control's vectors (bertnmt.model.pretrained)
     what_out = (f"layer={getattr(encoder, 'layer', -1)}|random_features={getattr(encoder, 'random_features', False)}"
@@ -220,7 +220,7 @@ def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: 
         try:
             with atomic_dir(folder) as tmp:
                 for name, split in splits.items():
-                    compute_split(encoder, split, enc_pad_id, tmp / name, device)
+                    compute_split(encoder, split, bert_pad_id, tmp / name, device)
                 sums = {p.name: _sha256(p) for p in sorted(tmp.glob("*.npy"))}
                 (tmp / "meta.json").write_text(json.dumps({
                     "version": FEATURES_VERSION, "encoder_sha256": encoder_sha256,

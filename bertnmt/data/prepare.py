@@ -41,7 +41,7 @@ class Split:
     tgt_text: list[str]  # normalised target sentences (the BLEU references)
     src_ids: list[np.ndarray]  # SentencePiece ids, int32, without bos/eos
     tgt_ids: list[np.ndarray]  # SentencePiece ids, int32, without bos/eos
-    enc_ids: list[np.ndarray] | None = None  # encoder ids incl. its special tokens, truncated
+    bert_ids: list[np.ndarray] | None = None  # encoder ids incl. its special tokens, truncated
 
     def __len__(self) -> int:
         return len(self.src_text)
@@ -185,7 +185,7 @@ def _load(out: Path, key: str) -> PreparedData:
 
 
 def add_encoder_view(data: PreparedData, tokenizer: EncoderTokenizer) -> None:
-    """Fill ``split.enc_ids`` for every split with the encoder tokenizer's ids of the source (cached)."""
+    """Fill ``split.bert_ids`` for every split with the encoder tokenizer's ids of the source (cached)."""
     fingerprint = {
         "name": tokenizer.name,
         "class": type(tokenizer.hf).__name__,
@@ -209,7 +209,7 @@ def add_encoder_view(data: PreparedData, tokenizer: EncoderTokenizer) -> None:
             enc = load_ragged(folder / name)
             if len(enc) != len(split):
                 raise ValueError(f"{name} has {len(enc)} encoder sequences for {len(split)} sentences")
-            split.enc_ids = enc
+            split.bert_ids = enc
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{folder}: encoder-id cache is incomplete or corrupt ({e}); delete it to rebuild") from None
     data.report["encoder_truncated"] = truncated

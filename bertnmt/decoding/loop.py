@@ -43,16 +43,16 @@ def head(split: Split, n: int) -> Split:
     """The first ``n`` sentences of a split."""
     if n <= 0 or n >= len(split.src_ids):
         return split
-    enc = split.enc_ids[:n] if split.enc_ids is not None else None
+    enc = split.bert_ids[:n] if split.bert_ids is not None else None
     return replace(split, src_text=split.src_text[:n], tgt_text=split.tgt_text[:n],
-                   src_ids=split.src_ids[:n], tgt_ids=split.tgt_ids[:n], enc_ids=enc)
+                   src_ids=split.src_ids[:n], tgt_ids=split.tgt_ids[:n], bert_ids=enc)
 
 
-def length_batches(src_lens: Sequence[int], enc_lens: Sequence[int] | None, beam: int, max_tokens: int,
+def length_batches(src_lens: Sequence[int], bert_lens: Sequence[int] | None, beam: int, max_tokens: int,
                    max_sents: int = 0) -> list[list[int]]:
     """Sentence indices cut into batches, longest first: ``beam x batch size x its longest source`` (source
     tokens + eos, or encoder tokens where longer) stays within ``max_tokens``; a longer sentence goes alone."""
-    cost = [n + 1 for n in src_lens] if enc_lens is None else [max(n + 1, e) for n, e in zip(src_lens, enc_lens)]
+    cost = [n + 1 for n in src_lens] if bert_lens is None else [max(n + 1, e) for n, e in zip(src_lens, bert_lens)]
     order = sorted(range(len(cost)), key=lambda i: (-cost[i], i))
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -69,18 +69,18 @@ def length_batches(src_lens: Sequence[int], enc_lens: Sequence[int] | None, beam
     return batches
 
 
-def decode_corpus(model: BertFusedTransformer, src_ids: Sequence[np.ndarray], enc_ids: Sequence[np.ndarray] | None,
-                  opts: DecodeOptions, device: torch.device, enc_pad_id: int | None = None,
+def decode_corpus(model: BertFusedTransformer, src_ids: Sequence[np.ndarray], bert_ids: Sequence[np.ndarray] | None,
+                  opts: DecodeOptions, device: torch.device, bert_pad_id: int | None = None,
                   features: FeatureStore | None = None) -> list[Hyps]:
     """Decode every sentence; per sentence, in input order, its hypotheses (token ids without bos/eos, score).
 
-    ``src_ids``: SentencePiece ids without eos. ``enc_ids``: the pretrained encoder's ids (fused models,
-    with ``enc_pad_id``). ``features``: cached H_B of the same sentences (valid only while the encoder has
+    ``src_ids``: SentencePiece ids without eos. ``bert_ids``: the pretrained encoder's ids (fused models,
+    with ``bert_pad_id``). ``features``: cached H_B of the same sentences (valid only while the encoder has
     never trained)."""
     use_enc = model.bert is not None
-    if use_enc and (enc_ids is None or enc_pad_id is None):
-        raise ValueError("a BERT-fused model needs enc_ids and enc_pad_id")
-    enc = enc_ids if use_enc else None
+    if use_enc and (bert_ids is None or bert_pad_id is None):
+        raise ValueError("a BERT-fused model needs bert_ids and bert_pad_id")
+    enc = bert_ids if use_enc else None
     budget = opts.max_tokens or DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cpu"])
     batches = length_batches([len(s) for s in src_ids], [len(e) for e in enc] if enc is not None else None,
                              opts.beam, budget, opts.max_sents)
@@ -92,19 +92,19 @@ def decode_corpus(model: BertFusedTransformer, src_ids: Sequence[np.ndarray], en
         for idx in batches:
             samples = [(i, src_ids[i], empty, enc[i] if enc is not None else None,
                         features.get(i) if features is not None and enc is not None else None) for i in idx]
-            b = collate(samples, enc_pad_id if enc is not None else None, opts.pad_id, opts.bos_id, opts.eos_id)
+            b = collate(samples, bert_pad_id if enc is not None else None, opts.pad_id, opts.bos_id, opts.eos_id)
             b = b.to(device)
-            bert_out = (b.bert_feats.float(), b.enc_mask.eq(0)) if b.bert_feats is not None else None  # (B, E, Hb)
-            for i, hyps in zip(idx, search(model, b.src, b.enc_ids, b.enc_mask, opts, bert_out)):
+            bert_features = (b.bert_feats.float(), b.bert_mask.eq(0)) if b.bert_feats is not None else None  # (B, E, Hb)
+            for i, hyps in zip(idx, search(model, b.src, b.bert_ids, b.bert_mask, opts, bert_features)):
                 out[i] = hyps
     model.train(was_training)
     return out
 
 
 def decode_split(model: BertFusedTransformer, split: Split, vocab: SubwordVocab, opts: DecodeOptions,
-                 device: torch.device, enc_pad_id: int | None = None, features: FeatureStore | None = None,
+                 device: torch.device, bert_pad_id: int | None = None, features: FeatureStore | None = None,
                  limit: int = 0) -> list[str]:
     """The detokenised best hypothesis of every sentence of a split (its first ``limit``; 0 = all), in order."""
     sub = head(split, limit)
-    found = decode_corpus(model, sub.src_ids, sub.enc_ids, opts, device, enc_pad_id, features)
+    found = decode_corpus(model, sub.src_ids, sub.bert_ids, opts, device, bert_pad_id, features)
     return [vocab.decode(hyps[0][0]) for hyps in found]

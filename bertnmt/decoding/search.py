@@ -118,10 +118,10 @@ def check_interval(opts: DecodeOptions, device: torch.device) -> int:
 def greedy_search(
     model: BertFusedTransformer,
     src: Tensor,  # (B, S)
-    enc_ids: Tensor | None = None,  # (B, E)
-    enc_mask: Tensor | None = None,  # (B, E)
+    bert_ids: Tensor | None = None,  # (B, E)
+    bert_mask: Tensor | None = None,  # (B, E)
     opts: DecodeOptions = DecodeOptions(beam=1),
-    bert_out: tuple[Tensor, Tensor] | None = None,
+    bert_features: tuple[Tensor, Tensor] | None = None,  # precomputed (H_B, its pad mask)
 ) -> list[list[int]]:
     """Arg-max decoding; per sentence the token ids without bos/eos (``opts.beam`` is ignored)."""
     was_training = model.training
@@ -129,7 +129,7 @@ def greedy_search(
     dev, B = src.device, src.size(0)
     max_lens = max_lengths(src, opts)  # (B,)
     last_step = int(max_lens.max())  # every sentence is done after this step (one read per batch)
-    state = model.init_decoder_state(model.encode(src, enc_ids, enc_mask, bert_out))
+    state = model.init_decoder_state(model.encode(src, bert_ids, bert_mask, bert_features))
     out = torch.full((B, last_step + 1), opts.pad_id, dtype=torch.long, device=dev)  # (B, T) by original index
     out_len = torch.zeros(B, dtype=torch.long, device=dev)  # (B,)
     active = torch.arange(B, device=dev)  # (Ba,) original index of each row in the batch
@@ -164,10 +164,10 @@ def greedy_search(
 def beam_search(
     model: BertFusedTransformer,
     src: Tensor,  # (B, S)
-    enc_ids: Tensor | None = None,  # (B, E)
-    enc_mask: Tensor | None = None,  # (B, E)
+    bert_ids: Tensor | None = None,  # (B, E)
+    bert_mask: Tensor | None = None,  # (B, E)
     opts: DecodeOptions = DecodeOptions(),
-    bert_out: tuple[Tensor, Tensor] | None = None,
+    bert_features: tuple[Tensor, Tensor] | None = None,  # precomputed (H_B, its pad mask)
 ) -> list[list[tuple[list[int], float]]]:
     """Beam search; per sentence the ``opts.nbest`` best (token ids without bos/eos, score), best first.
 
@@ -183,7 +183,7 @@ def beam_search(
     max_lens = max_lengths(src, opts)  # (B,)
     last_step = int(max_lens.max())  # every sentence is done after this step (one read per batch)
     T = last_step + 1  # room for the longest hypothesis
-    state = model.init_decoder_state(model.encode(src, enc_ids, enc_mask, bert_out))  # B rows
+    state = model.init_decoder_state(model.encode(src, bert_ids, bert_mask, bert_features))  # B rows
     state.expand(K)  # B * K decoder rows; the static K/V stay at B rows, shared by the beams
 
     # live batch (Ba sentences, Ba * K rows)
@@ -270,12 +270,12 @@ def beam_search(
 def search(
     model: BertFusedTransformer,
     src: Tensor,  # (B, S)
-    enc_ids: Tensor | None,  # (B, E)
-    enc_mask: Tensor | None,  # (B, E)
+    bert_ids: Tensor | None,  # (B, E)
+    bert_mask: Tensor | None,  # (B, E)
     opts: DecodeOptions,
-    bert_out: tuple[Tensor, Tensor] | None = None,
+    bert_features: tuple[Tensor, Tensor] | None = None,  # precomputed (H_B, its pad mask)
 ) -> list[Hyps]:
     """Greedy search when ``opts.beam == 1`` (score None), else beam search; per sentence its hypotheses."""
     if opts.beam == 1:
-        return [[(ids, None)] for ids in greedy_search(model, src, enc_ids, enc_mask, opts, bert_out)]
-    return beam_search(model, src, enc_ids, enc_mask, opts, bert_out)
+        return [[(ids, None)] for ids in greedy_search(model, src, bert_ids, bert_mask, opts, bert_features)]
+    return beam_search(model, src, bert_ids, bert_mask, opts, bert_features)

@@ -121,7 +121,7 @@ def train_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
         b = next(batches).to(device, non_blocking=True)
         step(b)
         ntok += b.ntokens
-        shapes.append((b.src.size(0), b.src.size(1), b.tgt_in.size(1), b.enc_ids.size(1)))
+        shapes.append((b.src.size(0), b.src.size(1), b.tgt_in.size(1), b.bert_ids.size(1)))
     _sync(device)
     elapsed = time.perf_counter() - start
     epoch_batches = len(loader)
@@ -144,7 +144,7 @@ def _bench_trainer(spec: BenchSpec, cfg, data, tok, model, policy, features):
                                        save_every_steps=0, max_steps=0))
     run_dir = Path(tempfile.mkdtemp(prefix="bertnmt-bench-"))
     stage = "fused" if model_uses_bert(model) else "baseline"
-    trainer = Trainer(cfg, model, data, policy, run_dir, stage, {}, enc_pad_id=tok.pad_id, features=features)
+    trainer = Trainer(cfg, model, data, policy, run_dir, stage, {}, bert_pad_id=tok.pad_id, features=features)
     trainer.model.train()
     trainer._sync_policy(1, at_epoch_start=True)  # what train_epoch does first
     return trainer
@@ -221,7 +221,7 @@ def _endless(loader):
 def _epoch_loader(spec: BenchSpec, data, tok, features=None, pad_multiple: int = 1):
     from bertnmt.data.collate import make_loader
 
-    return make_loader(data.splits["train"], spec.max_tokens, seed=1, shuffle=True, enc_pad_id=tok.pad_id,
+    return make_loader(data.splits["train"], spec.max_tokens, seed=1, shuffle=True, bert_pad_id=tok.pad_id,
                        features=(features or {}).get("train"), pad_multiple=pad_multiple)
 
 
@@ -269,20 +269,20 @@ def decode_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
                          max_tokens=spec.decode_tokens, check_every=spec.check_every,
                          precision="bf16" if spec.bf16 else "auto")
     budget = opts.max_tokens or DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cpu"])
-    batches = length_batches([len(s) for s in split.src_ids], [len(e) for e in split.enc_ids], spec.beam, budget)
-    enc_ids = split.enc_ids if fused else None
+    batches = length_batches([len(s) for s in split.src_ids], [len(e) for e in split.bert_ids], spec.beam, budget)
+    bert_ids = split.bert_ids if fused else None
     store = None
     if variant == "decode_fused_cached":  # H_B of the test sentences computed beforehand (the feature cache)
         with torch.inference_mode():
             rows = []
-            for i in range(len(split.enc_ids)):
-                ids = torch.as_tensor(split.enc_ids[i], dtype=torch.long, device=device).unsqueeze(0)  # (1, E)
+            for i in range(len(split.bert_ids)):
+                ids = torch.as_tensor(split.bert_ids[i], dtype=torch.long, device=device).unsqueeze(0)  # (1, E)
                 rows.append(model.bert(ids, torch.ones_like(ids))[0].half().cpu().numpy())  # (E, Hb)
         store = FeatureStore(np.concatenate(rows), np.cumsum([0] + [len(r) for r in rows]))
 
     def run(n: int) -> int:
         if variant != "decode_marian":
-            found = decode_corpus(model, split.src_ids[:n], enc_ids[:n] if enc_ids else None, opts, device,
+            found = decode_corpus(model, split.src_ids[:n], bert_ids[:n] if bert_ids else None, opts, device,
                                   tok.pad_id if fused else None, store)
             return sum(len(h[0][0]) + 1 for h in found)
         n_tok = 0
@@ -305,7 +305,7 @@ def decode_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     _sync(device)
     elapsed = time.perf_counter() - start
     n = len(split)
-    shapes = [(len(b), max(len(split.src_ids[i]) + 1 for i in b), 0, max(len(split.enc_ids[i]) for i in b))
+    shapes = [(len(b), max(len(split.src_ids[i]) + 1 for i in b), 0, max(len(split.bert_ids[i]) for i in b))
               for b in batches]
     return {"variant": variant, "sents_per_s": n / elapsed, "decode_s": elapsed, "sentences": n,
             "tokens_out": n_tok, "peak_mb": peak_memory_mb(device), "shapes": shapes}

@@ -51,21 +51,21 @@ class Translator:
         return f"Translator({self.source or 'in memory'}, model={self.cfg.model.name}, encoder={enc}, device={self.device})"
 
     @property
-    def enc_pad_id(self) -> int | None:
+    def bert_pad_id(self) -> int | None:
         return self.tokenizer.pad_id if self.model.bert is not None and self.tokenizer is not None else None
 
     def encode(self, sentences: list[str]) -> Split:
         """A split of raw sentences (no references), tokenised as ``prepare_data`` does."""
         texts = [normalise(s) for s in sentences]
         src_ids = [np.asarray(ids, dtype=np.int32) for ids in self.vocab.encode_batch(texts)] if texts else []
-        enc_ids = None
-        if self.enc_pad_id is not None:
+        bert_ids = None
+        if self.bert_pad_id is not None:
             ids, n_cut = self.tokenizer.encode_batch(texts)
             if n_cut:
                 log.warning("%d sentences were truncated to the encoder's max_length=%d", n_cut, self.tokenizer.max_length)
-            enc_ids = [np.asarray(seq, dtype=np.int32) for seq in ids]
+            bert_ids = [np.asarray(seq, dtype=np.int32) for seq in ids]
         empty = [np.zeros(0, dtype=np.int32)] * len(texts)
-        return Split("input", texts, [""] * len(texts), src_ids, empty, enc_ids)
+        return Split("input", texts, [""] * len(texts), src_ids, empty, bert_ids)
 
     def options(self, beam: int | None = None, lenpen: float | None = None, nbest: int = 1) -> DecodeOptions:
         """The run's ``eval`` decoding settings, with ``beam`` / ``lenpen`` / ``nbest`` overridden where given."""
@@ -88,7 +88,7 @@ class Translator:
         opts = self.options(beam, lenpen)
         if len(split) == 0:
             return []
-        return decode_split(self.model, split, self.vocab, opts, self.device, self.enc_pad_id)
+        return decode_split(self.model, split, self.vocab, opts, self.device, self.bert_pad_id)
 
     def translate(self, sentences: list[str], beam: int | None = None, nbest: int = 1,
                   lenpen: float | None = None) -> list[str] | list[list[str]]:
@@ -113,7 +113,7 @@ class Translator:
         if not keep:
             return out
         sub = _subset(split, keep)
-        found = decode_corpus(self.model, sub.src_ids, sub.enc_ids, opts, self.device, self.enc_pad_id)
+        found = decode_corpus(self.model, sub.src_ids, sub.bert_ids, opts, self.device, self.bert_pad_id)
         for i, hyps in zip(keep, found):
             out[i] = [Hypothesis(self.vocab.decode(ids), score, list(ids)) for ids, score in hyps]
         return out
@@ -123,7 +123,7 @@ def _subset(split: Split, keep: list[int]) -> Split:
     if len(keep) == len(split):
         return split
     pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
-    enc = pick(split.enc_ids) if split.enc_ids is not None else None
+    enc = pick(split.bert_ids) if split.bert_ids is not None else None
     return Split(split.name, pick(split.src_text), pick(split.tgt_text), pick(split.src_ids), pick(split.tgt_ids), enc)
 
 

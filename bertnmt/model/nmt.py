@@ -90,20 +90,20 @@ class BertFusedTransformer(nn.Module):
         while the freeze policy keeps the encoder frozen, H_B can be computed once per sentence and cached."""
         return self.bert is not None and self.bert_mix is None
 
-    def bert_features(self, enc_ids: Tensor, enc_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def bert_features(self, bert_ids: Tensor, bert_mask: Tensor) -> tuple[Tensor, Tensor]:
         """H_B (B, E, Hb) from the pretrained encoder, and its padding mask (B, E) True = pad."""
         if self.bert is None:
             raise ValueError("this model is not BERT-fused")
         if self.bert_mix is not None:
-            return self.bert_mix(self.bert.all_layers(enc_ids, enc_mask)), enc_mask.eq(0)
-        return self.bert(enc_ids, enc_mask), enc_mask.eq(0)
+            return self.bert_mix(self.bert.all_layers(bert_ids, bert_mask)), bert_mask.eq(0)
+        return self.bert(bert_ids, bert_mask), bert_mask.eq(0)
 
     def encode(
         self,
         src: Tensor,  # (B, S) long, right-padded
-        enc_ids: Tensor | None = None,  # (B, E) long, the pretrained encoder's ids
-        enc_mask: Tensor | None = None,  # (B, E) 1 = real
-        bert_out: tuple[Tensor, Tensor] | None = None,  # precomputed (H_B, bert_pad)
+        bert_ids: Tensor | None = None,  # (B, E) long, the pretrained encoder's ids
+        bert_mask: Tensor | None = None,  # (B, E) 1 = real
+        bert_features: tuple[Tensor, Tensor] | None = None,  # precomputed (H_B (B, E, Hb), its pad mask (B, E))
     ) -> EncoderOut:
         """Run BERT (when fused) and the NMT encoder (paper eq. 1).
 
@@ -113,12 +113,12 @@ class BertFusedTransformer(nn.Module):
         src_pad = src.eq(self.pad_id)  # (B, S)
         h_b = b_pad = None
         if self.uses_bert:
-            if bert_out is not None:
-                h_b, b_pad = bert_out
-            elif enc_ids is None or enc_mask is None:
-                raise ValueError("a BERT-fused model needs enc_ids and enc_mask (or bert_out)")
+            if bert_features is not None:
+                h_b, b_pad = bert_features
+            elif bert_ids is None or bert_mask is None:
+                raise ValueError("a BERT-fused model needs bert_ids and bert_mask (or bert_features)")
             else:
-                h_b, b_pad = self.bert_features(enc_ids, enc_mask)
+                h_b, b_pad = self.bert_features(bert_ids, bert_mask)
         if self.bert_input == "embedding":  # feature-based (paper section 3): H_B as input embeddings
             enc_out = self.encoder(self.bert_proj(h_b), b_pad)  # (B, E, C)
             return EncoderOut(enc_out, b_pad)
@@ -165,12 +165,12 @@ class BertFusedTransformer(nn.Module):
         self,
         src: Tensor,  # (B, S)
         tgt_in: Tensor,  # (B, T) bos + target
-        enc_ids: Tensor | None = None,  # (B, E)
-        enc_mask: Tensor | None = None,  # (B, E)
-        bert_out: tuple[Tensor, Tensor] | None = None,
+        bert_ids: Tensor | None = None,  # (B, E)
+        bert_mask: Tensor | None = None,  # (B, E)
+        bert_features: tuple[Tensor, Tensor] | None = None,  # precomputed (H_B, its pad mask)
         keep: Tensor | None = None,  # (B, T) bool, or (N',) long flat positions: logits only there -> (N, V)
     ) -> Tensor:
-        return self.decode(tgt_in, self.encode(src, enc_ids, enc_mask, bert_out), keep=keep)  # (B, T, V)
+        return self.decode(tgt_in, self.encode(src, bert_ids, bert_mask, bert_features), keep=keep)  # (B, T, V)
 
     def nmt_state_dict(self) -> dict[str, Tensor]:
         """The state dict without the pretrained encoder's ``bert.*`` weights (for checkpoints)."""

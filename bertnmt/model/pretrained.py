@@ -80,21 +80,21 @@ def _random_model(path: str, seed: int, **kwargs):
             return AutoModel.from_config(config, **code)
 
 
-def random_features(enc_ids: Tensor, enc_mask: Tensor, dim: int, seed: int = 0) -> Tensor:
+def random_features(bert_ids: Tensor, bert_mask: Tensor, dim: int, seed: int = 0) -> Tensor:
     """Standard normal vectors in place of H_B (the ``bert.features=random`` control), fixed per sentence.
 
     Each sentence's vectors come from a generator seeded with a CRC-32 of its real encoder ids (and
     ``seed``): a sentence gets the same vectors in every epoch, batch and padding, two different
-    sentences different ones. Padding positions are zero. enc_ids, enc_mask (B, E) -> (B, E, dim) fp32.
+    sentences different ones. Padding positions are zero. bert_ids, bert_mask (B, E) -> (B, E, dim) fp32.
     """
-    B, E = enc_ids.shape
+    B, E = bert_ids.shape
     out = torch.zeros(B, E, dim)  # (B, E, dim)
-    ids, mask = enc_ids.cpu(), enc_mask.cpu().bool()
+    ids, mask = bert_ids.cpu(), bert_mask.cpu().bool()
     for b in range(B):
         real = ids[b][mask[b]].numpy().astype(np.int64)  # (n,)
         g = torch.Generator().manual_seed(zlib.crc32(real.tobytes(), seed & 0xFFFFFFFF))
         out[b, mask[b]] = torch.randn(real.size, dim, generator=g)
-    return out.to(enc_ids.device)
+    return out.to(bert_ids.device)
 
 
 class PretrainedEncoder(nn.Module):
@@ -168,35 +168,35 @@ class PretrainedEncoder(nn.Module):
         self._mode = mode
         return super().train(mode and not self.frozen)
 
-    def forward(self, enc_ids: Tensor, enc_mask: Tensor) -> Tensor:
-        """enc_ids (B, E) long, enc_mask (B, E) 1 = real token -> H_B (B, E, hidden_size)."""
+    def forward(self, bert_ids: Tensor, bert_mask: Tensor) -> Tensor:
+        """bert_ids (B, E) long, bert_mask (B, E) 1 = real token -> H_B (B, E, hidden_size)."""
         if self.random_features:  # control: the encoder does not run
-            return random_features(enc_ids, enc_mask, self.hidden_size, self.random_seed)  # (B, E, H)
+            return random_features(bert_ids, bert_mask, self.hidden_size, self.random_seed)  # (B, E, H)
         ctx = torch.no_grad() if self.frozen else contextlib.nullcontext()
         with ctx:
             out = self.model(
-                input_ids=enc_ids, attention_mask=self._attention_mask(enc_mask),
+                input_ids=bert_ids, attention_mask=self._attention_mask(bert_mask),
                 output_hidden_states=self.layer != -1, return_dict=True,
             )
             if self.layer == -1:
                 return out.last_hidden_state  # (B, E, H)
             return out.hidden_states[self.layer]  # (B, E, H)
 
-    def all_layers(self, enc_ids: Tensor, enc_mask: Tensor) -> Tensor:
+    def all_layers(self, bert_ids: Tensor, bert_mask: Tensor) -> Tensor:
         """Every hidden state, stacked: (n_states, B, E, hidden_size) (embeddings first)."""
         ctx = torch.no_grad() if self.frozen else contextlib.nullcontext()
         with ctx:
-            out = self.model(input_ids=enc_ids, attention_mask=self._attention_mask(enc_mask), output_hidden_states=True,
+            out = self.model(input_ids=bert_ids, attention_mask=self._attention_mask(bert_mask), output_hidden_states=True,
                              return_dict=True)
             return torch.stack(out.hidden_states)  # (L+1, B, E, H)
 
-    def _attention_mask(self, enc_mask: Tensor) -> Tensor:
+    def _attention_mask(self, bert_mask: Tensor) -> Tensor:
         """The padding mask as the encoder gets it. With SDPA attention a 4-D boolean one (B, 1, 1, E), True =
         attend, which transformers uses as it is: from the 2-D one it would first test whether the batch has any
         padding at all, which makes the host wait for the device."""
-        if getattr(self.model.config, "_attn_implementation", None) == "sdpa" and enc_mask.dim() == 2:
-            return enc_mask.bool()[:, None, None, :]  # (B, 1, 1, E)
-        return enc_mask
+        if getattr(self.model.config, "_attn_implementation", None) == "sdpa" and bert_mask.dim() == 2:
+            return bert_mask.bool()[:, None, None, :]  # (B, 1, 1, E)
+        return bert_mask
 
 
 MIN_TOKENIZER_SIZE = 100  # fewer tokens: the tokenizer files are missing (transformers then builds an empty one)

@@ -105,7 +105,7 @@ def checkpoint_metric(t: TrainerConfig) -> EarlyStopConfig:
 
 
 def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result: StageResult, run_dir: Path,
-                 enc_pad_id: int | None, features: FeatureStore | None = None) -> dict[str, Any]:
+                 bert_pad_id: int | None, features: FeatureStore | None = None) -> dict[str, Any]:
     """Load the stage's best checkpoint, decode the test split with beam search, score it."""
     load_best(model, result.best_path)
     out: dict[str, Any] = {
@@ -126,7 +126,7 @@ def finish_stage(cfg: Config, model: torch.nn.Module, data: PreparedData, result
     device = pick_device(cfg.trainer.device)
     start = time.perf_counter()
     opts = options_from_eval(cfg.eval, precision=cfg.trainer.precision)
-    hyps = decode_split(model, split, data.vocab, opts, device, enc_pad_id, features)
+    hyps = decode_split(model, split, data.vocab, opts, device, bert_pad_id, features)
     decode_s = time.perf_counter() - start
     hyp_path = run_dir / f"test.{result.stage}.hyp"
     atomic.write_text(hyp_path, "".join(h + "\n" for h in hyps))
@@ -178,7 +178,7 @@ def resume_source(cfg: Config, run_dir: Path, stage: str, explicit: Explicit) ->
 
 
 def train_stage(cfg: Config, data: PreparedData, run_dir: Path, stage: str, meta: dict[str, Any],
-                enc_pad_id: int | None, warm: str | None = None, explicit: Explicit = None) -> dict[str, Any]:
+                bert_pad_id: int | None, warm: str | None = None, explicit: Explicit = None) -> dict[str, Any]:
     """Build, (warm-start or resume,) train and test one model; a stage finished in this run folder is not retrained."""
     marker = stage_marker(run_dir, stage)
     if marker.is_file() and cfg.trainer.resume == "auto":
@@ -194,16 +194,16 @@ def train_stage(cfg: Config, data: PreparedData, run_dir: Path, stage: str, meta
         warm_start(model, warm, data.vocab.sha256)
     policy = FreezePolicy(cfg.freeze)
     features = None
-    if model.bert is not None and enc_pad_id is not None and model.features_cacheable:
+    if model.bert is not None and bert_pad_id is not None and model.features_cacheable:
         policy.apply(model, epoch=1, step=0)  # a resumed Trainer re-checks at its own position
         device = pick_device(cfg.trainer.device)
         model.bert.to(device)
         with distributed.main_first():  # rank 0 writes the feature cache, the others read it
-            features = feature_cache(model.bert, data, meta["encoder"]["weights_sha256"], enc_pad_id, device,
+            features = feature_cache(model.bert, data, meta["encoder"]["weights_sha256"], bert_pad_id, device,
                                      cfg.bert.cache_budget_gb, cfg.bert.cache_features, policy.encoder_untrained(model))
-    trainer = Trainer(cfg, model, data, policy, run_dir, stage, meta, enc_pad_id, resume=resume, features=features)
+    trainer = Trainer(cfg, model, data, policy, run_dir, stage, meta, bert_pad_id, resume=resume, features=features)
     result = trainer.fit()
-    summary = finish_stage(cfg, model, data, result, run_dir, enc_pad_id, trainer.features.get("test"))
+    summary = finish_stage(cfg, model, data, result, run_dir, bert_pad_id, trainer.features.get("test"))
     write_json(marker, summary)
     return summary
 
@@ -418,7 +418,7 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer |
     if earlier is not None and earlier.get("vocab_sha256") not in (None, data.vocab.sha256):
         raise DataError(f"{data.vocab.path}: the SentencePiece vocabulary differs from the one the checkpoints in "
                         f"{run_dir} were trained with; start afresh with trainer.resume=never")
-    enc_pad_id = None
+    bert_pad_id = None
     meta: dict[str, Any] = {
         "git_sha": git_sha(), "command": " ".join(sys.argv), "torch": str(torch.__version__),
         "data_key": data.key, "vocab_sha256": data.vocab.sha256, "vocab_size": len(data.vocab),
@@ -429,7 +429,7 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer |
     if tok is not None:
         with distributed.main_first():
             add_encoder_view(data, tok)
-        enc_pad_id = tok.pad_id
+        bert_pad_id = tok.pad_id
         meta["encoder"] = {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer,
                            "layer_mix": cfg.bert.layer_mix, "features": cfg.bert.features,
                            "random_init": cfg.bert.random_init}
@@ -442,7 +442,7 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer |
         warm = str(ckpt)
     stage = "fused" if cfg.model.fused else ("transformer" if warm else "baseline")
     scfg = cfg if warm else replace(cfg, trainer=scratch_trainer(cfg, data))
-    summary[stage] = train_stage(scfg, data, run_dir, stage, meta, enc_pad_id, warm, explicit)
+    summary[stage] = train_stage(scfg, data, run_dir, stage, meta, bert_pad_id, warm, explicit)
     if cfg.model.fused and warm and cfg.warm_start.compare:
         summary["transformer"] = ensure_continued(cfg, data, run_dir, meta, warm, summary["fused"]["steps"], explicit)
         if distributed.is_main():

@@ -34,11 +34,11 @@ def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device
     runs only at the positions of ``batch.out_idx`` (the non-pad targets, found on the host, padded to a
     fixed multiple: a fixed-size gather), else at every position; padding is masked in the loss by
     multiplication. Selecting positions with a boolean mask would make the host wait for the device."""
-    bert_out = None
+    bert_features = None
     if batch.bert_feats is not None and use_features:
-        bert_out = (batch.bert_feats.float(), batch.enc_mask.eq(0))  # (B, E, Hb), (B, E)
+        bert_features = (batch.bert_feats.float(), batch.bert_mask.eq(0))  # (B, E, Hb), (B, E)
     with autocast(device, precision):
-        logits = model(batch.src, batch.tgt_in, batch.enc_ids, batch.enc_mask, bert_out,
+        logits = model(batch.src, batch.tgt_in, batch.bert_ids, batch.bert_mask, bert_features,
                        keep=batch.out_idx)  # (N', V), or (B, T, V)
     target = batch.tgt_out if batch.out_idx is None else batch.out_tgt  # (B, T) or (N',)
     return smoothed_loss(logits, target, pad_id, eps)

@@ -79,7 +79,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, model: nn.Module, data: PreparedData, policy: FreezePolicy,
-                 run_dir: Path, stage: str, meta: dict[str, Any], enc_pad_id: int | None = None,
+                 run_dir: Path, stage: str, meta: dict[str, Any], bert_pad_id: int | None = None,
                  resume: str | Path | None = None, features: dict[str, FeatureStore] | None = None) -> None:
         self.cfg, self.model, self.data, self.policy = cfg, model, data, policy
         self.run_dir, self.stage, self.meta = Path(run_dir), stage, meta
@@ -99,7 +99,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(o.warmup_steps))
         # running sums of an epoch on the device, (loss, target tokens) float64: read once per log interval
         self._sums: torch.Tensor | None = None
-        self.enc_pad_id = enc_pad = enc_pad_id if model_uses_bert(model) else None
+        self.bert_pad_id = enc_pad = bert_pad_id if model_uses_bert(model) else None
         feats = features if enc_pad is not None and features else {}
         self.pad_multiple = pad8 = resolve_pad_multiple(cfg.data.pad_multiple, self.device, cfg.trainer.compile)
         self.train_loader = make_loader(data.splits["train"], cfg.data.max_tokens, cfg.trainer.seed, True, enc_pad,
@@ -345,7 +345,7 @@ class Trainer:
         if self.cfg.trainer.valid_bleu if bleu is None else bleu:
             split = self.data.splits["valid"]
             opts = options_from_eval(self.cfg.eval, beam=1, precision=self.cfg.trainer.precision)
-            hyps = decode_split(self.model, split, self.data.vocab, opts, self.device, self.enc_pad_id,
+            hyps = decode_split(self.model, split, self.data.vocab, opts, self.device, self.bert_pad_id,
                                 self.features.get("valid"), limit=self.cfg.trainer.valid_max_sents)
             score = corpus_scores(hyps, split.tgt_text[: len(hyps)], self.cfg.data.tgt_lang)
             out["valid_bleu"] = score.bleu
