@@ -80,6 +80,19 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
+def _removed_on_error(tmp: Path, path: Path, on_error: Callable[[Path, OSError], Exception]) -> Iterator[None]:
+    """Remove the temp file or folder ``tmp`` when the block fails; an OSError becomes ``on_error(path, err)``."""
+    try:
+        yield
+    except OSError as e:
+        _remove(tmp)
+        raise on_error(path, e) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextmanager
 def atomic_path(path: Path | str, on_error: Callable[[Path, OSError], Exception] = write_error) -> Iterator[Path]:
     """Yield a temp path next to ``path``; when the block ends without error, publish it as ``path``.
 
@@ -93,17 +106,11 @@ def atomic_path(path: Path | str, on_error: Callable[[Path, OSError], Exception]
     except OSError as e:
         raise on_error(path, e) from None
     tmp = temp_name(path)
-    try:
+    with _removed_on_error(tmp, path, on_error):
         yield tmp
         if tmp.exists():
             fsync_file(tmp)
             os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise on_error(path, e) from None
-    except BaseException:
-        _remove(tmp)
-        raise
     fsync_dir(path.parent)
 
 
@@ -155,7 +162,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         tmp.mkdir(parents=True)
     except OSError as e:
         raise write_error(path, e) from None
-    try:
+    with _removed_on_error(tmp, path, write_error):
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
@@ -167,12 +174,6 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
             if not path.is_dir():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        _remove(tmp)
-        raise write_error(path, e) from None
-    except BaseException:
-        _remove(tmp)
-        raise
     fsync_dir(path.parent)
 
 
