@@ -96,7 +96,7 @@ CHECKS = {
     "random_encoder": lambda m, c: c.bert.random_init,
 }
 for _k in (0, 2, 4, 6, 8):
-    CHECKS[f"dropnet_0{_k}"] = lambda m, c, k=_k: all(layer.drop_net == k / 10 for layer in m.encoder.layers)
+    CHECKS[f"dropnet_0{_k}"] = lambda m, c, k=_k: all(layer.fused.drop_net.p == k / 10 for layer in m.encoder.layers)
 for _k in range(1, 6):
     CHECKS[f"layer_{_k}"] = lambda m, c, k=_k: m.bert.layer == k
 
