@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertnmt.config import ModelConfig
+from bertnmt.core.config import ModelConfig
 from bertnmt.model.decoder import Decoder, DecoderState
 from bertnmt.model.encoder import Encoder
 from bertnmt.model.fusion import DropNet
