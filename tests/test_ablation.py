@@ -18,7 +18,8 @@ from bertnmt.experiments.ablation import check_shared_baseline, compose_row, com
 from bertnmt.experiments.rows import ROW_BY_NAME, ROWS, parse_seeds, row_dir, select_rows
 from bertnmt.experiments.ablation_report import collect, deltas, table_markdown, write_report
 from bertnmt.core.errors import ConfigError
-from bertnmt.recipe.pipeline import baseline_key, check_freeze, scratch_trainer
+from bertnmt.recipe.baseline import baseline_key
+from bertnmt.recipe.pipeline import check_freeze, scratch_trainer
 
 try:
     from tests.tiny_encoder import make_tiny_bert
