@@ -18,7 +18,7 @@ from bertnmt.train import distributed
 from bertnmt.core.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
 from bertnmt.data.prepare import PreparedData
 from bertnmt.train.freeze import FreezePolicy
-from bertnmt.model import decoder, encoder
+from bertnmt.model.fusion import DropNet
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
 from bertnmt.train.trainer import Trainer
@@ -52,17 +52,19 @@ def make_model(bert_path: str, model: ModelConfig) -> BertFusedTransformer:
 
 
 class DrawLog:
-    """Records every drop-net draw (w1, w2) made in training forwards."""
+    """Records every drop-net draw (w1, w2) made in training forwards, while installed as ``DropNet.draw``."""
 
     def __init__(self) -> None:
         self.draws: list[tuple[float, float]] = []
-        self.inner = encoder.drop_net_weights
+        self.inner = DropNet.draw
 
-    def __call__(self, p_net: float, training: bool) -> tuple[float, float]:
-        w = self.inner(p_net, training)
-        if training:
-            self.draws.append(w)
-        return w
+    def draw(self) -> Any:
+        def draw(net: DropNet, training: bool, like: torch.Tensor) -> tuple[float, float]:
+            w = self.inner(net, training, like)
+            if training:
+                self.draws.append(w)
+            return w
+        return draw
 
 
 def run_scenario(name: str, bert_path: str, run_dir: Path, accum: int) -> dict[str, Any]:
@@ -73,14 +75,14 @@ def run_scenario(name: str, bert_path: str, run_dir: Path, accum: int) -> dict[s
                  trainer=TrainerConfig(max_epochs=epochs, accum_steps=accum, device="cpu", valid_bleu=False,
                                        tensorboard=False, progress=False))
     log = DrawLog()
-    encoder.drop_net_weights = decoder.drop_net_weights = log
+    DropNet.draw = log.draw()  # type: ignore[method-assign]
     try:
         torch.manual_seed(123)
         trainer = Trainer(cfg, make_model(bert_path, model_cfg), fake_data(), FreezePolicy(freeze), run_dir, "fused", {},
                           bert_pad_id=0)
         result = trainer.fit()
     finally:
-        encoder.drop_net_weights = decoder.drop_net_weights = log.inner
+        DropNet.draw = log.inner  # type: ignore[method-assign]
     return {
         "weights": {k: v.detach().clone() for k, v in trainer.model.named_parameters()},
         "draws": log.draws, "wraps": trainer.replicas.wraps, "step": trainer.step, "epochs": result.epochs,

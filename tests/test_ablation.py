@@ -18,7 +18,8 @@ from bertnmt.experiments.ablation import check_shared_baseline, compose_row, com
 from bertnmt.experiments.rows import ROW_BY_NAME, ROWS, parse_seeds, row_dir, select_rows
 from bertnmt.experiments.ablation_report import collect, deltas, table_markdown, write_report
 from bertnmt.core.errors import ConfigError
-from bertnmt.recipe.pipeline import baseline_key, check_freeze, scratch_trainer
+from bertnmt.recipe.baseline import baseline_key
+from bertnmt.recipe.pipeline import check_freeze, scratch_trainer
 
 try:
     from tests.tiny_encoder import make_tiny_bert
@@ -95,7 +96,7 @@ CHECKS = {
     "random_encoder": lambda m, c: c.bert.random_init,
 }
 for _k in (0, 2, 4, 6, 8):
-    CHECKS[f"dropnet_0{_k}"] = lambda m, c, k=_k: all(layer.drop_net == k / 10 for layer in m.encoder.layers)
+    CHECKS[f"dropnet_0{_k}"] = lambda m, c, k=_k: all(layer.fused.drop_net.p == k / 10 for layer in m.encoder.layers)
 for _k in range(1, 6):
     CHECKS[f"layer_{_k}"] = lambda m, c, k=_k: m.bert.layer == k
 

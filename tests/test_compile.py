@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bertnmt.core.config import FreezeConfig
-from bertnmt.model.fusion import set_drop_net_on_device
+from bertnmt.model.fusion import drop_nets, set_drop_net_on_device
 from test_features import bert_path, fake_data, make_trainer  # noqa: F401  (bert_path: the fixture)
 
 
@@ -27,7 +27,7 @@ def test_compiled_training_matches_eager(bert_path: str, tmp_path: Path, monkeyp
     compiled, compiled_losses, _ = make_trainer(bert_path, data, FreezeConfig(policy="frozen"), tmp_path / "b", 1, True,
                                                 compile=True)
     assert compiled.step_model is not compiled.model and compiled.pad_multiple == eager.pad_multiple == 8
-    assert all(m.drop_net_on_device for m in compiled.model.modules() if hasattr(m, "drop_net_on_device"))
+    assert drop_nets(compiled.model) and all(m.on_device for m in drop_nets(compiled.model))
     compiled.fit()
     assert len(compiled_losses) == len(eager_losses) > 2
     torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-5)

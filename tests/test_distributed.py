@@ -177,19 +177,16 @@ def test_one_process_helpers_change_nothing(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_drop_net_generator_ignores_other_random_draws() -> None:
     def draws(extra: int) -> list[tuple[float, float]]:
-        fusion.seed_drop_net(7)
+        net = fusion.DropNet(1.0)
+        net.seed(7)
         out = []
         for _ in range(20):
             torch.rand(extra)  # e.g. dropout masks of a rank's own batch shape
-            out.append(fusion.drop_net_weights(1.0, True))
+            out.append(net.draw(True, torch.zeros(())))
         return out
 
-    try:
-        assert draws(3) == draws(1000)
-        assert set(draws(3)) == {(1.0, 0.0), (0.0, 1.0)}
-    finally:
-        fusion.seed_drop_net(None)
-    assert fusion.drop_net_generator() is None
+    assert draws(3) == draws(1000)
+    assert set(draws(3)) == {(1.0, 0.0), (0.0, 1.0)}
 
 
 @pytest.mark.slow

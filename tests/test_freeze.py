@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -40,7 +39,6 @@ def bert_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def fused_model(bert_path: str, cfg: ModelConfig = TINY) -> BertFusedTransformer:
     torch.manual_seed(0)
-    random.seed(0)  # drop-net draws come from Python's RNG: the same branches whatever ran before
     bert = PretrainedEncoder(BertConfig(path=bert_path))
     return BertFusedTransformer(cfg, vocab_size=50, pad_id=0, bert=bert)
 

@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from bertnmt.core.config import BertConfig, ModelConfig
-from bertnmt.model.fusion import seed_drop_net
 from bertnmt.core.errors import ConfigError
 from bertnmt.model import (
     BertFusedTransformer,
     FusedDecoderLayer,
     FusedEncoderLayer,
+    DropNet,
     PretrainedEncoder,
-    drop_net_weights,
 )
 
 try:
@@ -107,29 +106,29 @@ def test_padding_invariance(bert_path, pre_ln):
 
 
 def test_drop_net_weights():
-    seed_drop_net(None)  # Python's global RNG (a Trainer built earlier in this process seeds a generator of its own)
-    random.seed(0)  # drawn on the host, from Python's RNG (no tensor read, so no host sync on a GPU)
-    draws = {drop_net_weights(1.0, training=True) for _ in range(200)}
+    like = torch.zeros(())
+    full = DropNet(1.0, seed=0)  # drawn on the host, from its own generator (no tensor read, so no host sync on a GPU)
+    draws = {full.draw(True, like) for _ in range(200)}
     assert draws == {(1.0, 0.0), (0.0, 1.0)}
-    assert {drop_net_weights(0.0, training=True) for _ in range(50)} == {(0.5, 0.5)}
-    assert {drop_net_weights(1.0, training=False) for _ in range(50)} == {(0.5, 0.5)}
-    mixed = {drop_net_weights(0.5, training=True) for _ in range(400)}
-    assert mixed == {(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)}
-    random.seed(3)
-    a = [drop_net_weights(1.0, True) for _ in range(20)]
-    random.seed(3)
-    assert a == [drop_net_weights(1.0, True) for _ in range(20)]
+    assert {DropNet(0.0).draw(True, like) for _ in range(50)} == {(0.5, 0.5)}
+    assert {full.draw(False, like) for _ in range(50)} == {(0.5, 0.5)}
+    mixed = {DropNet(0.5).draw(True, like) for _ in range(400)}
+    assert len(mixed) == 1  # a fresh DropNet per call: seed 0's first draw, every time
+    half = DropNet(0.5, seed=1)
+    assert {half.draw(True, like) for _ in range(400)} == {(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)}
+    full.seed(3)
+    a = [full.draw(True, like) for _ in range(20)]
+    full.seed(3)
+    assert a == [full.draw(True, like) for _ in range(20)]
 
 
 @pytest.mark.parametrize("enc_w, dec_w", [((1.0, 0.0), (1.0, 0.0)), ((0.0, 1.0), (1.0, 0.0)),
                                            ((1.0, 0.0), (0.0, 1.0))])
 def test_skipped_branch_is_not_computed(bert_path, monkeypatch, enc_w, dec_w):
-    import bertnmt.model.decoder as dec
-    import bertnmt.model.encoder as enc
-
-    monkeypatch.setattr(enc, "drop_net_weights", lambda p, training: enc_w)
-    monkeypatch.setattr(dec, "drop_net_weights", lambda p, training: dec_w)
     model = make_model(bert_path).train()
+    (drop_net,) = {layer.fused.drop_net for layer in [*model.encoder.layers, *model.decoder.layers]}  # one, shared
+    weights = iter([enc_w, enc_w, dec_w, dec_w])  # one draw per layer, encoder layers first
+    monkeypatch.setattr(drop_net, "draw", lambda training, like: next(weights))
     src, tgt, bert_ids, bert_mask = make_batch()
     model(src, tgt, bert_ids, bert_mask).sum().backward()
     for name, p in model.named_parameters():

@@ -1,7 +1,6 @@
 """Greedy / beam search: incremental = full pass, beam 1 = greedy, batching, an overfit copy task."""
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -29,7 +28,6 @@ def bert(tmp_path_factory) -> PretrainedEncoder:
 
 def make_model(bert: PretrainedEncoder | None, seed: int = 0, **kw) -> BertFusedTransformer:
     torch.manual_seed(seed)
-    random.seed(seed)  # drop-net draws come from Python's RNG: the same branches whatever ran before
     base = dict(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.0,
                 fused=bert is not None)
     base.update(kw)

@@ -4,8 +4,8 @@ Every row is an experiment config, ``conf/exp/ablation/<row>.yaml``. :func:`run_
 chosen rows (all by default) through one Hydra multirun of ``scripts/train.py`` per seed (or in this
 process, ``launcher="inprocess"``), each into ``<out>/<row>/seed<k>/``. All rows share the prepared
 data cache and, for the rows that warm-start, one cached plain baseline (``pipeline.ensure_baseline``,
-keyed by ``pipeline.baseline_key``, which leaves out every fusion-only setting; checked here before
-anything runs). A row with a ``summary.json`` is finished and skipped on the next call (resumable);
+keyed by :func:`bertnmt.recipe.baseline.baseline_key`, which leaves out every fusion-only setting;
+checked here before anything runs, with the same definition). A row with a ``summary.json`` is finished and skipped on the next call (resumable);
 an unfinished row folder is removed and the row runs again. The report (``ablations.md`` and
 ``ablations.png``) is built by :mod:`bertnmt.experiments.ablation_report`.
 
@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -99,20 +98,11 @@ def compose_row(row: Row, overrides: Sequence[str] = (), seed: Optional[int] = N
     return compose_rows([row], overrides, [seed])[row.name, seed]
 
 
-def baseline_spec(cfg: Config) -> dict:
-    """The config part of ``pipeline.baseline_key`` (the data part is the same for all rows of one call)."""
-    from bertnmt.recipe.pipeline import FUSION_ONLY
-
-    return {
-        "model": {k: v for k, v in asdict(cfg.model).items() if k not in FUSION_ONLY},
-        "optim": asdict(cfg.optim), "seed": cfg.trainer.seed, "accum": cfg.trainer.accum_steps,
-        "warm_start": (cfg.warm_start.max_epochs, cfg.warm_start.max_steps), "data": asdict(cfg.data),
-    }
-
-
 def check_shared_baseline(cfgs: dict[str, Config]) -> None:
     """Every row that warm-starts from the automatic baseline must hit the same cached baseline."""
-    specs = {name: baseline_spec(c) for name, c in cfgs.items() if c.warm_start.auto and c.warm_start.path is None}
+    from bertnmt.recipe.baseline import baseline_identity
+
+    specs = {name: baseline_identity(c) for name, c in cfgs.items() if c.warm_start.auto and c.warm_start.path is None}
     if len({repr(s) for s in specs.values()}) > 1:
         first = next(iter(specs))
         other = next(n for n, s in specs.items() if s != specs[first])

@@ -1,7 +1,7 @@
 """The BERT-fused NMT model (paper section 4)."""
 from bertnmt.model.decoder import Decoder, DecoderState, FusedDecoderLayer
 from bertnmt.model.encoder import Encoder, FusedEncoderLayer
-from bertnmt.model.fusion import BertAttention, drop_net_weights
+from bertnmt.model.fusion import BertAttention, DropNet, FusedSublayer
 from bertnmt.model.layer_mix import LayerMix
 from bertnmt.model.layers import FeedForward, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.nmt import BertFusedTransformer, EncoderOut
@@ -12,14 +12,15 @@ __all__ = [
     "BertFusedTransformer",
     "Decoder",
     "DecoderState",
+    "DropNet",
     "Encoder",
     "EncoderOut",
     "FeedForward",
     "FusedDecoderLayer",
     "FusedEncoderLayer",
+    "FusedSublayer",
     "LayerMix",
     "MultiheadAttention",
     "PretrainedEncoder",
     "SinusoidalPositions",
-    "drop_net_weights",
 ]

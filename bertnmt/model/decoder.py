@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertnmt.core.config import ModelConfig
-from bertnmt.model.fusion import BertAttention, drop_net_mix, drop_net_weights, runs
+from bertnmt.model.fusion import BertAttention, DropNet, FusedSublayer
 from bertnmt.model.layers import KV, FeedForward, KVCache, LayerNorm, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.variants import fused_layer_ids
 
@@ -93,8 +93,9 @@ class FusedDecoderLayer(nn.Module):
         s = LN(s + w1·drop(EncDecAttn(s, H_E)) + w2·drop(BertAttn(s, H_B)))
         s = LN(s + drop(FFN(s)))
     Pre-LN (option) applies each LN to the branch input instead, plus ``decoder.final_ln``.
-    (w1, w2) come from :func:`drop_net_weights` (always (0.5, 0.5) at inference); a branch
-    whose weight is 0 is not computed.
+    (w1, w2) come from drop-net (:class:`~bertnmt.model.fusion.FusedSublayer`, shared with the encoder;
+    always (0.5, 0.5) at inference); a branch whose weight is 0 is not computed. ``drop_net``: the
+    model's shared :class:`DropNet` (None: one of its own).
 
     ``model.fusion_combine=stacked`` (ablation, paper section 6): encoder-decoder attention, then
     BERT attention, each with its own residual and LayerNorm (``bert_attn_ln``), no drop-net.
@@ -102,11 +103,11 @@ class FusedDecoderLayer(nn.Module):
     the pretrained encoder is the NMT encoder).
     """
 
-    def __init__(self, cfg: ModelConfig, bert_dim: int | None = None, enc_dim: int | None = None):
+    def __init__(self, cfg: ModelConfig, bert_dim: int | None = None, enc_dim: int | None = None,
+                 drop_net: DropNet | None = None):
         super().__init__()
         C = cfg.d_model
-        self.pre_ln, self.dropout, self.drop_net = cfg.pre_ln, cfg.dropout, cfg.drop_net
-        self.drop_net_on_device = False  # set_drop_net_on_device: draws as tensors, both branches computed
+        self.pre_ln = cfg.pre_ln
         self.self_attn = MultiheadAttention(C, cfg.heads, dropout=cfg.attn_dropout)
         self.self_attn_ln = LayerNorm(C)
         self.cross_attn = MultiheadAttention(C, cfg.heads, kdim=enc_dim, dropout=cfg.attn_dropout)
@@ -116,11 +117,11 @@ class FusedDecoderLayer(nn.Module):
         )
         self.stacked = bool(bert_dim) and cfg.fusion_combine == "stacked"
         self.bert_attn_ln = LayerNorm(C) if self.stacked else None
+        if bert_dim and drop_net is None:
+            drop_net = DropNet(cfg.drop_net)
+        self.fused = FusedSublayer(cfg.pre_ln, cfg.dropout, drop_net if bert_dim else None, self.stacked)
         self.ffn = FeedForward(C, cfg.ffn_dim, cfg.dropout, cfg.act_dropout)
         self.ffn_ln = LayerNorm(C)
-
-    def _drop(self, x: Tensor) -> Tensor:
-        return F.dropout(x, self.dropout, self.training)
 
     def forward(
         self,
@@ -133,41 +134,21 @@ class FusedDecoderLayer(nn.Module):
         cross_kv: KV | None = None,
         bert_kv: KV | None = None,
     ) -> Tensor:
-        pre = self.pre_ln
         # 1. masked self-attention (causal; incremental with a cache)
-        h = self.self_attn_ln(x) if pre else x
-        y = x + self._drop(self.self_attn(h, causal=True, cache=cache))
-        x = y if pre else self.self_attn_ln(y)  # (B, T, C)
+        x = self.fused.residual(x, self.self_attn_ln, lambda h: self.self_attn(h, causal=True, cache=cache))  # (B, T, C)
 
         # 2. encoder-decoder attention ‖ BERT attention, mixed by drop-net
-        if self.bert_attn is not None and bert_out is None and bert_kv is None:
-            raise ValueError("this decoder layer is BERT-fused: pass bert_out (H_B)")
-        if self.stacked:  # ablation: encoder-decoder attention, then BERT attention, each a residual sublayer
-            h = self.cross_attn_ln(x) if pre else x
-            y = x + self._drop(self.cross_attn(h, enc_out, key_padding_mask=src_pad, static_kv=cross_kv))
-            x = y if pre else self.cross_attn_ln(y)
-            h = self.bert_attn_ln(x) if pre else x
-            y = x + self._drop(self.bert_attn(h, bert_out, key_padding_mask=bert_pad, static_kv=bert_kv))
-            x = y if pre else self.bert_attn_ln(y)  # (B, T, C)
-        else:
-            if self.bert_attn is None:
-                w1, w2 = 1.0, 0.0
-            elif self.drop_net_on_device:
-                w1, w2 = drop_net_mix(self.drop_net, self.training, x)
-            else:
-                w1, w2 = drop_net_weights(self.drop_net, self.training)
-            h = self.cross_attn_ln(x) if pre else x
-            y = x
-            if runs(w1):
-                a = self.cross_attn(h, enc_out, key_padding_mask=src_pad, static_kv=cross_kv)
-                y = y + w1 * self._drop(a)
-            if runs(w2):
-                a = self.bert_attn(h, bert_out, key_padding_mask=bert_pad, static_kv=bert_kv)
-                y = y + w2 * self._drop(a)
-            x = y if pre else self.cross_attn_ln(y)  # (B, T, C)
+        bert = None
+        if self.bert_attn is not None:
+            if bert_out is None and bert_kv is None:
+                raise ValueError("this decoder layer is BERT-fused: pass bert_out (H_B)")
+            bert = lambda h: self.bert_attn(h, bert_out, key_padding_mask=bert_pad, static_kv=bert_kv)  # noqa: E731
+        x = self.fused(x, self.cross_attn_ln,
+                       lambda h: self.cross_attn(h, enc_out, key_padding_mask=src_pad, static_kv=cross_kv),
+                       bert, self.bert_attn_ln)  # (B, T, C)
 
         # 3. FFN
-        if pre:
+        if self.pre_ln:
             return x + self.ffn(self.ffn_ln(x))
         return self.ffn_ln(x + self.ffn(x))  # (B, T, C)
 
@@ -179,15 +160,17 @@ class Decoder(nn.Module):
     the whole model). Full teacher-forced pass when ``state`` is None, else one incremental step.
     """
 
-    def __init__(self, cfg: ModelConfig, bert_dim: int | None = None, enc_dim: int | None = None):
+    def __init__(self, cfg: ModelConfig, bert_dim: int | None = None, enc_dim: int | None = None,
+                 drop_net: DropNet | None = None):
         super().__init__()
         self.dropout = cfg.dropout
         self.embed_scale = math.sqrt(cfg.d_model)
         self.positions = SinusoidalPositions(cfg.d_model, cfg.max_positions)
         fuse = bert_dim if cfg.fused and cfg.fuse_decoder else None
         which = fused_layer_ids(cfg.fuse_layers, cfg.dec_layers)  # model.fuse_layers: all | first:K | last:K
+        drop_net = drop_net or DropNet(cfg.drop_net)  # one stream of draws for all fused layers
         self.layers = nn.ModuleList(
-            FusedDecoderLayer(cfg, fuse if i in which else None, enc_dim) for i in range(cfg.dec_layers)
+            FusedDecoderLayer(cfg, fuse if i in which else None, enc_dim, drop_net) for i in range(cfg.dec_layers)
         )
         self.final_ln = LayerNorm(cfg.d_model) if cfg.pre_ln else None
 

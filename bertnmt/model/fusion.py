@@ -1,12 +1,35 @@
-"""The BERT-fused branch and drop-net mixing (paper section 4) — only this."""
+"""The BERT-fused sublayer and drop-net (paper section 4), and the names of the modules a plain
+Transformer lacks. Both fused layers (:mod:`bertnmt.model.encoder`, :mod:`bertnmt.model.decoder`) mix
+their two attention branches with :class:`FusedSublayer`; nothing else writes the mixing."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from bertnmt.model.layers import MultiheadAttention
+
+# The NMT modules a plain Transformer lacks, by attribute name: BERT attention (paper section 4), the
+# stacked variant's LayerNorm, the learned layer mix and the feature-based input projection (section 6;
+# ``BertFusedTransformer.bert_mix`` / ``bert_proj``). Warm start may leave them new; they form the freeze
+# group "fusion". A test builds every variant and checks that exactly these names are new.
+FUSION_MODULES = frozenset({"bert_attn", "bert_attn_ln", "bert_mix", "bert_proj"})
+
+Weight = Tensor | float  # a drop-net weight: a host float, or a 0-dim tensor drawn on the device
+
+
+def is_fusion_param(name: str) -> bool:
+    """Whether a parameter (or state-dict key) lies inside one of the :data:`FUSION_MODULES`."""
+    return not FUSION_MODULES.isdisjoint(name.split(".")[:-1])
+
+
+def is_drop_net_state(key: str) -> bool:
+    """Whether a state-dict key is a :class:`DropNet`'s generator state (not a weight)."""
+    return key.endswith("drop_net." + _EXTRA_STATE_KEY_SUFFIX)
 
 
 class BertAttention(MultiheadAttention):
@@ -25,63 +48,136 @@ class BertAttention(MultiheadAttention):
             nn.init.zeros_(proj.bias)
 
 
-_DROP_NET_RNG: random.Random | None = None  # None: Python's global RNG (one process)
+class DropNet(nn.Module):
+    """Drop-net (paper section 4): the weights (w1, w2) of (first branch, BERT branch) of a fused sublayer.
 
+    In training one uniform ``u`` is drawn per fused layer per forward: ``u < p/2`` keeps only the first
+    branch (self- or encoder-decoder attention), ``u > 1 - p/2`` only the BERT branch, otherwise both are
+    averaged; at inference always the average. A weight of 0.0 means the branch is not computed.
 
-def seed_drop_net(seed: int | None) -> None:
-    """Draw drop-net from a generator of its own, seeded with ``seed`` (None: Python's global RNG again).
-
-    Under DDP every rank seeds it identically (:class:`bertnmt.train.distributed.Replicas`), so every rank
-    keeps or skips the same branch in every layer whatever its batch shapes and dropout draws.
+    ``u`` comes from this module's own Python generator, on the host (deciding which branch to run makes
+    the host wait for no device), so other random draws (dropout masks of each rank's batch shape) never
+    shift it. :meth:`seed` restarts it; its state is the module's extra state, so state dicts and
+    checkpoints carry it and a resumed run draws what the uninterrupted one drew. One instance is shared
+    by all fused layers of a model (:class:`~bertnmt.model.nmt.BertFusedTransformer`): one stream of draws,
+    in layer order. With ``on_device`` (``trainer.compile``) ``u`` is drawn on the device from torch's RNG
+    instead: both branches are then computed, a dropped one multiplied by 0 (no data-dependent branch).
     """
-    global _DROP_NET_RNG
-    _DROP_NET_RNG = None if seed is None else random.Random(seed)
 
+    def __init__(self, p: float, seed: int = 0):
+        super().__init__()
+        self.p = p
+        self.on_device = False
+        self.rng = random.Random(seed)
 
-def drop_net_generator() -> random.Random | None:
-    """The generator set by :func:`seed_drop_net` (its state goes into checkpoints), or None."""
-    return _DROP_NET_RNG
+    def extra_repr(self) -> str:
+        return f"p={self.p}, on_device={self.on_device}"
 
+    def seed(self, seed: int) -> None:
+        """Restart the host-side draws from ``seed``."""
+        self.rng.seed(seed)
 
-def drop_net_weights(p_net: float, training: bool) -> tuple[float, float]:
-    """Drop-net trick (paper section 4): the weights of (first branch, BERT branch).
-
-    In training one uniform ``u`` is drawn per layer per forward call on the host, from Python's
-    global RNG (or the generator of :func:`seed_drop_net`, under DDP), never from a tensor, so that
-    deciding which branch to run makes the host wait for no device:
-    ``u < p/2`` keeps only the first branch (self- or encoder-decoder attention), ``u > 1 - p/2``
-    keeps only the BERT branch, otherwise both are averaged. At inference always the average.
-    A weight of 0.0 means the caller must skip that branch entirely (no compute, no gradient).
-    """
-    if not training or p_net <= 0.0:
+    def draw(self, training: bool, like: Tensor) -> tuple[Weight, Weight]:
+        """(w1, w2) for one fused layer's forward; ``like``: a tensor on the device of an on-device draw."""
+        p = self.p
+        if not training or p <= 0.0:
+            return 0.5, 0.5
+        if self.on_device:
+            u = torch.rand((), device=like.device)  # ()
+            w1 = torch.where(u < p / 2, 1.0, torch.where(u > 1.0 - p / 2, 0.0, 0.5)).to(like.dtype)
+            return w1, 1.0 - w1
+        u = self.rng.random()
+        if u < p / 2:
+            return 1.0, 0.0
+        if u > 1.0 - p / 2:
+            return 0.0, 1.0
         return 0.5, 0.5
-    u = (_DROP_NET_RNG or random).random()
-    if u < p_net / 2:
-        return 1.0, 0.0
-    if u > 1.0 - p_net / 2:
-        return 0.0, 1.0
-    return 0.5, 0.5
+
+    def get_extra_state(self) -> Tensor:
+        """The generator's state as one int64 tensor (626,): version, then the Mersenne Twister's 625 words
+        (a tensor, so that checkpoints stay ``weights_only``-loadable; ``gauss`` is never drawn here)."""
+        version, internal, _ = self.rng.getstate()
+        return torch.tensor([version, *internal], dtype=torch.int64)  # (626,)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        version, *internal = state.tolist()
+        self.rng.setstate((version, tuple(internal), None))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # noqa: ANN001  (torch's signature)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + _EXTRA_STATE_KEY_SUFFIX
+        if key in missing_keys:  # a state dict from before drop-net's state was saved: keep the current draws
+            missing_keys.remove(key)
 
 
-def drop_net_mix(p_net: float, training: bool, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """Drop-net decided on the device (for ``torch.compile(fullgraph=True)``): the same three outcomes with
-    the same probabilities as :func:`drop_net_weights`, as 0-dim tensors from torch's RNG on ``like``'s device.
-    Both branches are then always computed (a dropped one is multiplied by 0 and gets a zero gradient), so
-    there is no data-dependent branch; under DDP the draws are each rank's own, like dropout masks."""
-    if not training or p_net <= 0.0:
-        return 0.5, 0.5
-    u = torch.rand((), device=like.device)  # ()
-    w1 = torch.where(u < p_net / 2, 1.0, torch.where(u > 1.0 - p_net / 2, 0.0, 0.5)).to(like.dtype)
-    return w1, 1.0 - w1
-
-
-def runs(weight: torch.Tensor | float) -> bool:
+def runs(weight: Weight) -> bool:
     """Whether a drop-net branch must be computed: always for a device-side weight, else when not 0."""
-    return isinstance(weight, torch.Tensor) or weight != 0.0
+    return isinstance(weight, Tensor) or weight != 0.0
+
+
+Branch = Callable[[Tensor], Tensor]  # (B, T, C) -> (B, T, C): one attention given its (normalised) query input
+
+
+class FusedSublayer(nn.Module):
+    """The residual sublayer of two attentions over the same input, mixed by drop-net (paper eqs. 1 and 3).
+
+    Post-LN (paper): ``LN(x + w1·drop(first(x)) + w2·drop(bert(x)))``; pre-LN:
+    ``x + w1·drop(first(LN(x))) + w2·drop(bert(LN(x)))``. (w1, w2) come from :class:`DropNet`; a branch
+    whose weight is 0 is not run. Without a BERT branch it is the plain residual sublayer of ``first``
+    (w1 = 1). ``stacked`` (``model.fusion_combine=stacked``, ablation of section 6): ``first``, then ``bert``,
+    each its own residual sublayer (the second with ``bert_ln``), no drop-net.
+
+    It holds no weights: the attentions and LayerNorms stay the layer's own modules (their parameter names
+    are those of a plain Transformer layer plus ``bert_attn``), passed in at each call.
+    """
+
+    def __init__(self, pre_ln: bool, dropout: float, drop_net: DropNet | None = None, stacked: bool = False):
+        super().__init__()
+        self.pre_ln, self.dropout, self.stacked = pre_ln, dropout, stacked
+        self.drop_net = None if stacked else drop_net
+
+    def residual(self, x: Tensor, ln: nn.Module, fn: Branch) -> Tensor:
+        """One residual sublayer, post-LN ``LN(x + drop(fn(x)))`` or pre-LN ``x + drop(fn(LN(x)))``."""
+        if self.pre_ln:
+            return x + F.dropout(fn(ln(x)), self.dropout, self.training)
+        return ln(x + F.dropout(fn(x), self.dropout, self.training))
+
+    def forward(self, x: Tensor, ln: nn.Module, first: Branch, bert: Branch | None = None,
+                bert_ln: nn.Module | None = None) -> Tensor:  # x: (B, T, C)
+        if bert is not None and self.stacked:
+            if bert_ln is None:
+                raise ValueError("a stacked fused sublayer needs bert_ln")
+            return self.residual(self.residual(x, ln, first), bert_ln, bert)  # (B, T, C)
+        if bert is None:
+            w1, w2 = 1.0, 0.0
+        elif self.drop_net is None:
+            raise ValueError("a fused sublayer with a BERT branch needs a DropNet")
+        else:
+            w1, w2 = self.drop_net.draw(self.training, x)
+        h = ln(x) if self.pre_ln else x
+        y = x
+        if runs(w1):
+            y = y + w1 * F.dropout(first(h), self.dropout, self.training)
+        if runs(w2):
+            y = y + w2 * F.dropout(bert(h), self.dropout, self.training)  # type: ignore[misc]
+        return y if self.pre_ln else ln(y)  # (B, T, C)
+
+
+def drop_nets(model: nn.Module) -> list[DropNet]:
+    """The model's distinct :class:`DropNet` modules (one, shared by its fused layers; none without fusion)."""
+    return [m for m in model.modules() if isinstance(m, DropNet)]
+
+
+def seed_drop_net(model: nn.Module, seed: int) -> None:
+    """Restart the model's host-side drop-net draws from ``seed`` (the Trainer passes ``trainer.seed``, the same
+    on every rank, so that under DDP every rank keeps or skips the same branch in every layer)."""
+    for i, m in enumerate(drop_nets(model)):
+        m.seed(seed + i)
 
 
 def set_drop_net_on_device(model: nn.Module, on: bool) -> None:
-    """Switch every fused layer of ``model`` to :func:`drop_net_mix` (True) or host-side draws (False)."""
-    for m in model.modules():
-        if hasattr(m, "drop_net_on_device"):
-            m.drop_net_on_device = on
+    """Draw drop-net on the device (True, for ``torch.compile(fullgraph=True)``) or on the host (False)."""
+    for m in drop_nets(model):
+        m.on_device = on

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from bertnmt.core.config import ModelConfig
 from bertnmt.model.decoder import Decoder, DecoderState
 from bertnmt.model.encoder import Encoder
+from bertnmt.model.fusion import DropNet
 from bertnmt.model.layer_mix import LayerMix
 from bertnmt.model.pretrained import PretrainedEncoder
 from bertnmt.model.variants import check_model_config
@@ -42,8 +43,10 @@ class BertFusedTransformer(nn.Module):
       (cross-attention key width H); no BERT attention. Fine-tune the encoder (``freeze=finetune``).
     * ``bert.layer_mix=true``: H_B = ``bert_mix`` (a trainable :class:`LayerMix`) of all hidden states.
 
-    The NMT modules a plain Transformer lacks (``bert_attn``, ``bert_attn_ln``, ``bert_mix``, ``bert_proj``)
-    form the report group "fusion" (:func:`bertnmt.train.freeze_rules.param_group`); a warm start may leave them new.
+    The NMT modules a plain Transformer lacks (:data:`bertnmt.model.fusion.FUSION_MODULES`: ``bert_attn``,
+    ``bert_attn_ln``, ``bert_mix``, ``bert_proj``) form the report group "fusion"; a warm start may leave them new.
+    The fused layers share one :class:`~bertnmt.model.fusion.DropNet`, whose generator state is in the state dict
+    (``*.fused.drop_net._extra_state``, one copy per fused layer).
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, bert: PretrainedEncoder | None):
@@ -66,8 +69,9 @@ class BertFusedTransformer(nn.Module):
             self.bert_proj = nn.Linear(H, C)
             nn.init.normal_(self.bert_proj.weight, mean=0.0, std=(H * C) ** -0.5)
             nn.init.zeros_(self.bert_proj.bias)
-        self.encoder = Encoder(cfg, bert_dim) if self.bert_input != "replace" else None
-        self.decoder = Decoder(cfg, bert_dim, enc_dim=H if self.bert_input == "replace" else None)
+        drop_net = DropNet(cfg.drop_net)  # one stream of drop-net draws, shared by every fused layer
+        self.encoder = Encoder(cfg, bert_dim, drop_net) if self.bert_input != "replace" else None
+        self.decoder = Decoder(cfg, bert_dim, enc_dim=H if self.bert_input == "replace" else None, drop_net=drop_net)
         if cfg.share_embeddings:
             self.decoder_embed_tokens = None
             self.output_projection = None

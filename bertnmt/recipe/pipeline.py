@@ -35,6 +35,7 @@ from bertnmt.data.tokenize import EncoderTokenizer
 from bertnmt.decoding.loop import decode_split, options_from_eval
 from bertnmt.core.devices import pick_device
 from bertnmt.core.errors import BertNMTError, CheckpointError, ConfigError, DataError
+from bertnmt.recipe.baseline import baseline_key
 from bertnmt.recipe.export import export_model
 from bertnmt.train.freeze import FreezePolicy, schedule_table
 from bertnmt.decoding.metrics import corpus_scores
@@ -47,8 +48,6 @@ from bertnmt.train.early_stop import best_epoch
 from bertnmt.train.trainer import StageResult, Trainer, load_best
 
 log = logging.getLogger(__name__)
-
-BASELINE_VERSION = 1
 
 
 def seed_everything(seed: int) -> None:
@@ -76,25 +75,6 @@ def check_freeze(cfg: Config) -> tuple[FreezePolicy, BertFusedTransformer]:
     policy = FreezePolicy(cfg.freeze)
     model = make_model(cfg, cfg.data.vocab_size)
     return policy.bind(model), model
-
-
-# ModelConfig fields that do not change the plain baseline (all fusion-only; the ablations' variants too).
-FUSION_ONLY = ("name", "fused", "fuse_encoder", "fuse_decoder", "drop_net", "fusion_combine", "fuse_layers", "bert_input")
-
-
-def baseline_key(cfg: Config, data: PreparedData) -> str:
-    """Everything that determines the plain baseline: data, vocabulary, NMT dims, optimiser, budget, seed.
-
-    Fusion-only settings (``FUSION_ONLY``) are left out, so every warm-started ablation row shares one
-    cached baseline, and the keys of baselines cached before the ablation fields existed still hold."""
-    model = {k: v for k, v in asdict(cfg.model).items() if k not in FUSION_ONLY}
-    spec = {
-        "version": BASELINE_VERSION, "data": data.key, "vocab": data.vocab.sha256, "model": model,
-        "optim": asdict(cfg.optim), "seed": cfg.trainer.seed,
-        "accum": cfg.trainer.accum_steps * distributed.world_size(),  # N ranks x a = one process x a*N
-        "epochs": cfg.warm_start.max_epochs, "steps": cfg.warm_start.max_steps, "max_tokens": cfg.data.max_tokens,
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def checkpoint_metric(t: TrainerConfig) -> EarlyStopConfig:

@@ -30,7 +30,7 @@ from torch import nn
 from bertnmt.train import distributed
 from bertnmt.core.atomic import DISK_FULL, atomic_path, copy_file, is_temp
 from bertnmt.core.errors import CheckpointError
-from bertnmt.model.fusion import drop_net_generator
+from bertnmt.model.fusion import drop_nets, is_drop_net_state, is_fusion_param
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,8 @@ def latest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
 
 # -- random number generators -----------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """Every RNG's state (torch, CUDA, numpy, Python's ``random``) as tensors and plain values (``weights_only``-safe)."""
+    """Every global RNG's state (torch, CUDA, numpy, Python's ``random``) as tensors and plain values
+    (``weights_only``-safe). Drop-net's own generator is the model's (its state dict carries it)."""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -173,8 +174,6 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if (gen := drop_net_generator()) is not None:  # drop-net's own generator under DDP
-        state["drop_net"] = gen.getstate()
     return state
 
 
@@ -190,9 +189,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "python" in state:
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
-    if isinstance(state.get("drop_net"), (tuple, list)) and (gen := drop_net_generator()) is not None:
-        version, internal, gauss = state["drop_net"]  # a Python RNG's state (older files held a torch one)
-        gen.setstate((version, tuple(internal), gauss))
 
 
 # -- weights ----------------------------------------------------------------------------------------
@@ -219,16 +215,26 @@ def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], sourc
         )
 
 
+def restore_old_drop_net(model: nn.Module, ckpt: dict[str, Any]) -> None:
+    """A checkpoint written before the model carried drop-net's generator state holds it as ``rng["drop_net"]``
+    (a Python RNG's state): restore it into the model's drop-net, so that such a run also resumes bit-identically."""
+    old = (ckpt.get("rng") or {}).get("drop_net")
+    if not isinstance(old, (tuple, list)) or any(is_drop_net_state(k) for k in ckpt.get("model", {})):
+        return
+    version, internal, gauss = old
+    for m in drop_nets(model):
+        m.rng.setstate((version, tuple(internal), gauss))
+
+
 def warm_start(model: nn.Module, path: str | Path, vocab_sha256: str) -> list[str]:
     """Initialise the NMT part of a fused model from a plain Transformer checkpoint (paper section 5).
 
     Every NMT weight must load; only the new BERT-attention modules (and the pretrained
     encoder) may be missing. Returns the names of the parameters that kept their init.
-    The new modules are the report groups "bert" and "fusion" (:func:`bertnmt.train.freeze_rules.param_group`,
-    which also covers the ablations' stacked LayerNorms, layer mix and input projection).
+    The new modules are the pretrained encoder (``bert.*``) and :data:`bertnmt.model.fusion.FUSION_MODULES`
+    (BERT attention, the ablations' stacked LayerNorms, layer mix and input projection); a plain checkpoint
+    has no drop-net state either, so the fused model keeps its seeded draws.
     """
-    from bertnmt.train.freeze_rules import param_group
-
     ckpt = load_checkpoint(path)
     theirs = ckpt.get("meta", {}).get("vocab_sha256")
     if theirs and theirs != vocab_sha256:
@@ -246,7 +252,7 @@ def warm_start(model: nn.Module, path: str | Path, vocab_sha256: str) -> list[st
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if unexpected:
         raise CheckpointError(f"warm-start checkpoint {path} has weights the model lacks: {unexpected[:3]}")
-    bad = [k for k in missing if param_group(k) not in ("bert", "fusion")]
+    bad = [k for k in missing if not k.startswith("bert.") and not is_fusion_param(k)]
     if bad:
         raise CheckpointError(f"warm-start checkpoint {path} lacks NMT weights: {bad[:3]}")
     new = [k for k in missing if not k.startswith("bert.")]

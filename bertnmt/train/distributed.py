@@ -18,9 +18,9 @@ through a few marked lines and behave exactly as before in a single process.
 - :func:`loss_denominator`: the loss of an update is divided by its target tokens summed over all ranks,
   times 1/N because DDP averages the gradients: N processes with 1/N of the batch each take the same
   step as one process with the whole batch.
-- Drop-net (paper section 4) draws from its own generator, seeded identically on every rank
-  (:func:`bertnmt.model.fusion.seed_drop_net`), so every rank keeps or skips the same branch in every
-  layer, as in the official implementation (one draw per layer per forward, the same on every GPU).
+- Drop-net (paper section 4) draws from the model's own generator (:class:`bertnmt.model.fusion.DropNet`),
+  which the Trainer seeds with ``trainer.seed`` on every rank, so every rank keeps or skips the same branch
+  in every layer, as in the official implementation (one draw per layer per forward, the same on every GPU).
   A skipped branch leaves parameters without a gradient, which DDP accepts only with
   ``find_unused_parameters=True``; it is switched on for models with drop-net.
 """
@@ -232,7 +232,9 @@ def shard(sampler: Any) -> None:
 
 def drops_branches(model: nn.Module) -> bool:
     """Whether a training forward can skip a branch (drop-net > 0 in a fused layer): its parameters then get no gradient."""
-    return any(getattr(m, "bert_attn", None) is not None and getattr(m, "drop_net", 0.0) > 0 for m in model.modules())
+    from bertnmt.model.fusion import drop_nets
+
+    return any(m.p > 0 for m in drop_nets(model))
 
 
 class Replicas:
@@ -245,17 +247,13 @@ class Replicas:
     an update's micro-batches: the gradients are all-reduced once, in the backward of the last one.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, seed: int) -> None:
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.model, self.device = model, device
         self.ddp: DistributedDataParallel | None = None
         self.trainable: tuple[bool, ...] = ()
         self.find_unused = drops_branches(model)
         self.wraps = 0
         self.pending = 0  # training forwards left in the current update
-        if active():
-            from bertnmt.model.fusion import seed_drop_net
-
-            seed_drop_net(seed)  # the same drop-net draws on every rank
 
     def _trainable(self) -> tuple[bool, ...]:
         return tuple(p.requires_grad for p in self.model.parameters())

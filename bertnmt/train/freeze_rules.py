@@ -15,14 +15,12 @@ from typing import Optional
 
 from bertnmt.core.config import FreezeConfig, FreezeRule
 from bertnmt.core.errors import ConfigError
+from bertnmt.model.fusion import is_fusion_param
 
 POLICIES = ("frozen", "finetune", "unfreeze_after", "gradual", "nmt_frozen", "rules")
 UNITS = ("epoch", "step")
 GROUPS = ("bert", "fusion", "encoder", "decoder", "embeddings")
 EMBEDDINGS = ("embed_tokens.", "decoder_embed_tokens.", "output_projection.")
-# The NMT modules a plain Transformer lacks: BERT attention, the stacked variant's LayerNorm, the learned
-# layer mix and the feature-based input projection (paper sections 4 and 6; bertnmt/model/).
-FUSION_MODULES = frozenset({"bert_attn", "bert_attn_ln", "bert_mix", "bert_proj"})
 _BERT_LAYER = re.compile(r"\.(?:layer|layers|block|blocks|h)\.(\d+)\.")  # HF block lists
 _GROUP_SYNTAX = re.compile(r"bert\.layer\.-?\d+|bert\.embeddings|[A-Za-z_]\w*")
 
@@ -31,12 +29,12 @@ def param_group(name: str) -> str:
     """The report group of a parameter.
 
     :class:`BertFusedTransformer`: ``bert`` (the pretrained encoder), ``fusion`` (the modules in
-    :data:`FUSION_MODULES`: ``*.bert_attn.*``, ``*.bert_attn_ln.*``, ``bert_mix.*``, ``bert_proj.*``),
+    :data:`bertnmt.model.fusion.FUSION_MODULES`: ``*.bert_attn.*``, ``*.bert_attn_ln.*``, ``bert_mix.*``, ``bert_proj.*``),
     ``encoder``, ``decoder``, ``embeddings``. Any other module: the parameter's top-level child.
     """
     if name.startswith("bert."):
         return "bert"
-    if not FUSION_MODULES.isdisjoint(name.split(".")[:-1]):
+    if is_fusion_param(name):
         return "fusion"
     if name.startswith(EMBEDDINGS):
         return "embeddings"

@@ -23,8 +23,8 @@ from torch import nn
 
 from bertnmt.train import distributed  # DDP under torchrun; no-ops in one process
 from bertnmt.train.checkpoint import (BEST, LAST, latest_checkpoint, link_checkpoint, load_checkpoint, load_model_weights,
-                                model_weights, remove_temp_files, rng_state, rotate, save_checkpoint, set_rng_state,
-                                step_checkpoint)
+                                model_weights, remove_temp_files, restore_old_drop_net, rng_state, rotate,
+                                save_checkpoint, set_rng_state, step_checkpoint)
 from bertnmt.core.config import Config
 from bertnmt.data.collate import Batch, make_loader
 from bertnmt.data.features import FeatureStore
@@ -109,8 +109,8 @@ class Trainer:
                                         features=feats.get("valid"), pad_multiple=pad8)
         self.features: dict[str, FeatureStore] = dict(feats)  # cleared for good once the encoder trains
         distributed.shard(self.train_loader.batch_sampler)  # rank r takes batches r, r+N, ...
-        seed_drop_net(cfg.trainer.seed)  # drop-net's host-side draws: the same on every rank, saved in checkpoints
-        self.replicas = distributed.Replicas(self.model, self.device, cfg.trainer.seed)  # the DDP wrapper
+        seed_drop_net(model, cfg.trainer.seed)  # host-side draws: the same on every rank; in the model's state dict
+        self.replicas = distributed.Replicas(self.model, self.device)  # the DDP wrapper
         self.step = 0
         self.start_epoch = 1
         self.best = -math.inf
@@ -145,7 +145,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was trained with another vocabulary (SentencePiece sha256 "
                                   f"{theirs[:12]} vs {ours[:12]} of {self.data.vocab.path}): the data changed; restore "
                                   "it, or start afresh with trainer.resume=never")
-        load_model_weights(self.model, ckpt["model"], str(path))
+        load_model_weights(self.model, ckpt["model"], str(path))  # drop-net's generator state included
+        restore_old_drop_net(self.model, ckpt)
         load_optimizer_state(self.optimizer, ckpt["optimizer"], str(path))
         self._load_scheduler(ckpt["scheduler"])
         epoch = int(ckpt["epoch"])
