@@ -24,11 +24,11 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from bertnmt.config import Config, register_configs, to_config
+from bertnmt.config import Config, plain, register_configs, to_config
 from bertnmt.errors import BertNMTError, ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -219,9 +219,9 @@ def baseline_spec(cfg: Config) -> dict:
     from bertnmt.pipeline import FUSION_ONLY
 
     return {
-        "model": {k: v for k, v in asdict(cfg.model).items() if k not in FUSION_ONLY},
-        "optim": asdict(cfg.optim), "seed": cfg.trainer.seed, "accum": cfg.trainer.accum_steps,
-        "warm_start": (cfg.warm_start.max_epochs, cfg.warm_start.max_steps), "data": asdict(cfg.data),
+        "model": {k: v for k, v in plain(cfg.model).items() if k not in FUSION_ONLY},
+        "optim": plain(cfg.optim), "seed": cfg.trainer.seed, "accum": cfg.trainer.accum_steps,
+        "warm_start": (cfg.warm_start.max_epochs, cfg.warm_start.max_steps), "data": plain(cfg.data),
     }
 
 

@@ -90,6 +90,7 @@ def _autocast(spec: BenchSpec, device: torch.device):
 
 def _setup(spec: BenchSpec, variant: str):
     """Data (with encoder ids), the fused or plain model, its policy and cached features, the device."""
+    from bertnmt.config import FeatureCache, Policy
     from bertnmt.data.features import feature_cache
     from bertnmt.data.prepare import add_encoder_view, prepare_data
     from bertnmt.data.tokenize import EncoderTokenizer
@@ -111,13 +112,13 @@ def _setup(spec: BenchSpec, variant: str):
         if spec.random_bert:
             bert.model = type(bert.model)(bert.model.config)  # same architecture, random weights
     model = BertFusedTransformer(replace(cfg.model, fused=fused), len(data.vocab), data.vocab.pad_id, bert)
-    policy = FreezePolicy(replace(cfg.freeze, policy="finetune" if variant == "fused_finetune" else "frozen"))
+    policy = FreezePolicy(replace(cfg.freeze, policy=Policy.finetune if variant == "fused_finetune" else Policy.frozen))
     policy.apply(model, epoch=1, step=0)
     model.to(device)
     features = None
     if variant == "fused_cached":
         features = feature_cache(model.bert, data, weights_sha256(model.bert), tok.pad_id, device,
-                                 cfg.bert.cache_budget_gb, "auto", policy.encoder_untrained(model))
+                                 cfg.bert.cache_budget_gb, FeatureCache.auto, policy.encoder_untrained(model))
         if features is None:
             raise RuntimeError("the feature cache did not fit its budget")
     return cfg, data, tok, model, policy, features, device
@@ -181,9 +182,10 @@ def _bench_trainer(spec: BenchSpec, cfg, data, tok, model, policy, features):
     """The Trainer of a training stage over the bench's data (its run folder is a temporary one)."""
     import tempfile
 
+    from bertnmt.config import Precision
     from bertnmt.training import Trainer, model_uses_bert
 
-    precision = "bf16" if spec.bf16 else cfg.trainer.precision
+    precision = Precision.bf16 if spec.bf16 else cfg.trainer.precision
     cfg = replace(cfg, trainer=replace(cfg.trainer, compile=spec.compile, precision=precision, seed=1,
                                        save_every_steps=0, max_steps=0))
     run_dir = Path(tempfile.mkdtemp(prefix="bertnmt-bench-"))
@@ -297,6 +299,7 @@ def decode_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     length-sorted token-budget batches); MarianMTModel's ``generate`` on the same batches."""
     import numpy as np
 
+    from bertnmt.config import Precision
     from bertnmt.data.collate import collate
     from bertnmt.data.features import FeatureStore
     from bertnmt.decoding import DEFAULT_MAX_TOKENS, DecodeOptions, decode_corpus, head, length_batches
@@ -311,7 +314,7 @@ def decode_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     L, pad = spec.decode_len, data.vocab.pad_id
     opts = DecodeOptions(beam=spec.beam, lenpen=1.0, max_len_a=0.0, max_len_b=L, min_len=L,
                          max_tokens=spec.decode_tokens, check_every=spec.check_every,
-                         precision="bf16" if spec.bf16 else "auto")
+                         precision=Precision.bf16 if spec.bf16 else Precision.auto)
     budget = opts.max_tokens or DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cpu"])
     batches = length_batches([len(s) for s in split.src_ids], [len(e) for e in split.enc_ids], spec.beam, budget)
     enc_ids = split.enc_ids if fused else None

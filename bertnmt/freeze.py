@@ -25,11 +25,11 @@ from typing import Any, Iterable, Optional
 
 from torch import nn
 
-from bertnmt.config import FreezeConfig, OptimConfig
+from bertnmt.config import FreezeConfig, OptimConfig, Policy, Unit
 from bertnmt.errors import ConfigError
-from bertnmt.freeze_rules import GROUPS, POLICIES, NameIndex, Rule, check_config, first_position, param_group, preset_rules
+from bertnmt.freeze_rules import GROUPS, NameIndex, Rule, check_config, first_position, param_group, preset_rules
 
-__all__ = ["FreezePolicy", "GROUPS", "POLICIES", "param_group", "schedule_table"]
+__all__ = ["FreezePolicy", "GROUPS", "param_group", "schedule_table"]
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +53,20 @@ class FreezePolicy:
 
     # -- position and binding ----------------------------------------------------------------------
     @property
-    def unit(self) -> str:
+    def unit(self) -> Unit:
         return self.cfg.unit
 
     @property
     def position(self) -> int:
         """Where the schedule is, in its own unit."""
-        return self.epoch if self.unit == "epoch" else self.step
+        return self.epoch if self.unit == Unit.epoch else self.step
 
     def bind(self, model: nn.Module) -> "FreezePolicy":
         """Compile the rules against ``model``'s parameter names; every name-dependent check happens here:
         a rule that matches no parameter, an unknown group or layer, two rules that contradict each other."""
         params = dict(model.named_parameters())
         index = NameIndex(list(params))
-        if self.cfg.policy == "gradual" and index.layer and not index.n_layers:
+        if self.cfg.policy == Policy.gradual and index.layer and not index.n_layers:
             raise ConfigError("freeze.policy='gradual': cannot find the layers of the pretrained encoder")
         rules, matches = [], {n: [] for n in params}
         for rule in preset_rules(self.cfg, index.n_layers) + self.user_rules:
@@ -201,7 +201,7 @@ class FreezePolicy:
                 g["trainable"] += p.numel()
         by_group = {g: by_group[g] for g in ordered_groups(by_group)}
         return {
-            "policy": self.cfg.policy,
+            "policy": self.cfg.policy.value,
             "trainable_params": sum(g["trainable"] for g in by_group.values()),
             "total_params": sum(g["total"] for g in by_group.values()),
             "params_by_group": by_group,
@@ -229,7 +229,7 @@ class FreezePolicy:
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The policy and its position (only str/int/list: loadable with ``weights_only=True``)."""
-        return {"policy": self.cfg.policy, "unit": self.unit, "epoch": self.epoch, "step": self.step,
+        return {"policy": self.cfg.policy.value, "unit": self.unit.value, "epoch": self.epoch, "step": self.step,
                 "rules": [r.describe() for r in self.rules]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -237,7 +237,7 @@ class FreezePolicy:
         self.epoch, self.step = int(state.get("epoch", 1)), int(state.get("step", 0))
         self._key = None
         theirs = (state.get("policy"), state.get("unit"), state.get("rules"))
-        ours = (self.cfg.policy, self.unit, [r.describe() for r in self.rules] if self.rules else theirs[2])
+        ours = (self.cfg.policy.value, self.unit.value, [r.describe() for r in self.rules] if self.rules else theirs[2])
         if theirs != ours:
             log.warning("resuming under another freeze policy: checkpoint %s/%s, now %s/%s",
                         theirs[0], theirs[1], ours[0], ours[1])
@@ -257,11 +257,11 @@ def schedule_table(policy: FreezePolicy, model: nn.Module, epochs: int, max_step
     policy._bound(model)
     numel = {n: p.numel() for n, p in model.named_parameters()}
     groups = ordered_groups(param_group(n) for n in numel)
-    if policy.unit == "epoch":
+    if policy.unit == Unit.epoch:
         positions = list(range(1, epochs + 1))
     else:
         positions = [p for p in policy.boundaries() if not max_steps or p < max_steps]
-    header = [policy.unit if policy.unit == "epoch" else "from step", "trainable/total", *groups, "active rules"]
+    header = ["epoch" if policy.unit == Unit.epoch else "from step", "trainable/total", *groups, "active rules"]
     rows = []
     for pos in positions:
         trainable, _ = policy.state_at(pos)
@@ -273,6 +273,6 @@ def schedule_table(policy: FreezePolicy, model: nn.Module, epochs: int, max_step
         rows.append([str(pos), *cells, rules])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-    title = (f"freeze policy {policy.cfg.policy!r}, unit {policy.unit} "
+    title = (f"freeze policy {policy.cfg.policy.value!r}, unit {policy.unit} "
              "(windows [start, end): epochs 1-based, steps 0-based optimizer updates)")
     return "\n".join([title, fmt(header), *map(fmt, rows)])

@@ -13,11 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from bertnmt.config import FreezeConfig, FreezeRule
+from bertnmt.config import FreezeConfig, FreezeRule, Policy, Unit
 from bertnmt.errors import ConfigError
 
-POLICIES = ("frozen", "finetune", "unfreeze_after", "gradual", "nmt_frozen", "rules")
-UNITS = ("epoch", "step")
 GROUPS = ("bert", "fusion", "encoder", "decoder", "embeddings")
 EMBEDDINGS = ("embed_tokens.", "decoder_embed_tokens.", "output_projection.")
 # The NMT modules a plain Transformer lacks: BERT attention, the stacked variant's LayerNorm, the learned
@@ -49,9 +47,9 @@ def bert_layer(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def first_position(unit: str) -> int:
+def first_position(unit: Unit) -> int:
     """Epochs count from 1, steps (optimizer updates) from 0."""
-    return 1 if unit == "epoch" else 0
+    return 1 if unit == Unit.epoch else 0
 
 
 @dataclass(frozen=True)
@@ -161,17 +159,13 @@ def user_rule(r: FreezeRule, i: int, unit: str) -> Rule:
 
 def check_config(cfg: FreezeConfig) -> list[Rule]:
     """Everything checkable without a model; returns the compiled user rules."""
-    if cfg.policy not in POLICIES:
-        raise ConfigError(f"freeze.policy={cfg.policy!r} is not one of {', '.join(POLICIES)}")
-    if cfg.unit not in UNITS:
-        raise ConfigError(f"freeze.unit={cfg.unit!r} is not one of {', '.join(UNITS)}")
     first = first_position(cfg.unit)
     for key in ("bert_lr_mult", "warmup"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"freeze.{key}={getattr(cfg, key)} must not be negative")
     if cfg.every < 1:
         raise ConfigError(f"freeze.every={cfg.every} must be at least 1")
-    if cfg.policy == "unfreeze_after" and cfg.unfreeze_at is None:
+    if cfg.policy == Policy.unfreeze_after and cfg.unfreeze_at is None:
         raise ConfigError("freeze.unfreeze_at=null: policy unfreeze_after needs the epoch or step to unfreeze at")
     if cfg.unfreeze_at is not None and cfg.unfreeze_at < first:
         raise ConfigError(f"freeze.unfreeze_at={cfg.unfreeze_at} is before the first {cfg.unit} ({first})")
@@ -183,7 +177,7 @@ def check_config(cfg: FreezeConfig) -> list[Rule]:
 def preset_rules(cfg: FreezeConfig, n_layers: int) -> list[Rule]:
     """The rules a preset compiles into (``rules``: none). ``n_layers``: the pretrained encoder's blocks."""
     first, b, w = first_position(cfg.unit), float(cfg.bert_lr_mult), int(cfg.warmup)
-    label = f"freeze.policy={cfg.policy!r}"
+    label = f"freeze.policy={cfg.policy.value!r}"
 
     def rule(match: str, frozen: bool, start: Optional[int] = None, end: Optional[int] = None, lr: float = 1.0,
              warmup: int = 0, required: bool = False) -> Rule:
@@ -194,18 +188,18 @@ def preset_rules(cfg: FreezeConfig, n_layers: int) -> list[Rule]:
         before = [rule(match, True, end=at)] if at > first else []
         return before + [rule(match, False, start=at, lr=b, warmup=w)]
 
-    if cfg.policy == "frozen":
+    if cfg.policy == Policy.frozen:
         return [rule("group:bert", True)]
-    if cfg.policy == "finetune":
+    if cfg.policy == Policy.finetune:
         return [rule("group:bert", False, lr=b)]
-    if cfg.policy == "unfreeze_after":
+    if cfg.policy == Policy.unfreeze_after:
         assert cfg.unfreeze_at is not None
         return unfreeze("group:bert", cfg.unfreeze_at)
-    if cfg.policy == "gradual":  # ULMFiT: top block first, one more every `every` units, embeddings last
+    if cfg.policy == Policy.gradual:  # ULMFiT: top block first, one more every `every` units, embeddings last
         start = first if cfg.unfreeze_at is None else cfg.unfreeze_at
         order = [f"group:bert.layer.{k}" for k in reversed(range(n_layers))] + ["group:bert.embeddings"]
         return [r for i, m in enumerate(order) for r in unfreeze(m, start + i * cfg.every)]
-    if cfg.policy == "nmt_frozen":  # only the new BERT-attention modules train (until `until`)
+    if cfg.policy == Policy.nmt_frozen:  # only the new BERT-attention modules train (until `until`)
         nmt = [rule(f"group:{g}", True, end=cfg.until, required=True) for g in ("encoder", "decoder", "embeddings")]
         return [rule("group:bert", True), *nmt, rule("group:fusion", False, required=True)]
     return []

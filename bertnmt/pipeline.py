@@ -13,7 +13,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 
 from bertnmt import atomic, distributed  # distributed: torchrun; no-ops in one process
 from bertnmt.checkpoint import load_checkpoint, warm_start
-from bertnmt.config import Config, EarlyStopConfig, FreezeConfig, TrainerConfig, check_device, check_values
+from bertnmt.config import (Config, EarlyStopConfig, FreezeConfig, Policy, ScratchBudget, TrainerConfig, check_device,
+                            check_values, plain, to_plain_container)
 from bertnmt.data.collate import make_loader
 from bertnmt.data.corpora import corpus_fingerprint
 from bertnmt.data.features import FeatureStore, feature_cache
@@ -109,10 +110,10 @@ def baseline_key(cfg: Config, data: PreparedData) -> str:
 
     Fusion-only settings (``FUSION_ONLY``) are left out, so every warm-started ablation row shares one
     cached baseline, and the keys of baselines cached before the ablation fields existed still hold."""
-    model = {k: v for k, v in asdict(cfg.model).items() if k not in FUSION_ONLY}
+    model = {k: v for k, v in plain(cfg.model).items() if k not in FUSION_ONLY}
     spec = {
         "version": BASELINE_VERSION, "data": data.key, "vocab": data.vocab.sha256, "model": model,
-        "optim": asdict(cfg.optim), "seed": cfg.trainer.seed,
+        "optim": plain(cfg.optim), "seed": cfg.trainer.seed,
         "accum": cfg.trainer.accum_steps * distributed.world_size(),  # N ranks x a = one process x a*N
         "epochs": cfg.warm_start.max_epochs, "steps": cfg.warm_start.max_steps, "max_tokens": cfg.data.max_tokens,
     }
@@ -249,12 +250,12 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
     bcfg = replace(
         cfg,
         model=replace(cfg.model, fused=False),
-        freeze=FreezeConfig(policy="finetune"),  # the warm-start baseline trains everything, whatever the fused policy
+        freeze=FreezeConfig(policy=Policy.finetune),  # the warm-start baseline trains everything, whatever the fused policy
         # a fixed budget: early stopping would make the cached baseline depend on a setting its key leaves out
         trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps,
                         early_stop=EarlyStopConfig()),
     )
-    summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": asdict(bcfg.model)}, None, explicit=explicit)
+    summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": plain(bcfg.model)}, None, explicit=explicit)
     if distributed.is_main():  # rank 0 fills the cache, the others wait for it
         atomic.remove_stale_temps(cache)
         atomic.copy_file(summary["checkpoint"], ckpt)  # the checkpoint first: the summary marks the entry complete
@@ -272,7 +273,7 @@ def continued_key(cfg: Config, data: PreparedData, warm: str, steps: int) -> str
     with open(warm, "rb") as fh:
         warm_sha = hashlib.file_digest(fh, "sha256").hexdigest()
     spec = {"version": CONTINUED_VERSION, "baseline": baseline_key(cfg, data), "warm": warm_sha, "steps": steps,
-            "eval": asdict(cfg.eval), "valid_bleu": cfg.trainer.valid_bleu, "valid_max_sents": cfg.trainer.valid_max_sents}
+            "eval": plain(cfg.eval), "valid_bleu": cfg.trainer.valid_bleu, "valid_max_sents": cfg.trainer.valid_max_sents}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -296,12 +297,12 @@ def ensure_continued(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[
     tcfg = replace(
         cfg,
         model=replace(cfg.model, fused=False),
-        freeze=FreezeConfig(policy="finetune"),
+        freeze=FreezeConfig(policy=Policy.finetune),
         # the fused stage's update count is the budget; the epoch cap only has to be out of its way
         trainer=replace(cfg.trainer, max_steps=steps, max_epochs=max(1, steps) * cfg.trainer.accum_steps + 1,
                         early_stop=EarlyStopConfig()),
     )
-    summary = train_stage(tcfg, data, run_dir, "transformer", {**meta, "model": asdict(tcfg.model)}, None, warm,
+    summary = train_stage(tcfg, data, run_dir, "transformer", {**meta, "model": plain(tcfg.model)}, None, warm,
                           explicit)
     if distributed.is_main():
         atomic.remove_stale_temps(cache)
@@ -337,7 +338,7 @@ def scratch_trainer(cfg: Config, data: PreparedData) -> TrainerConfig:
     stage is limited by ``max_steps``, the total is counted in updates, the baseline's from its own batches.
     """
     t, w = cfg.trainer, cfg.warm_start
-    if w.scratch_budget == "stage":
+    if w.scratch_budget == ScratchBudget.stage:
         return t
     epochs = w.max_epochs + t.max_epochs
     if not (w.max_steps or t.max_steps):
@@ -345,11 +346,6 @@ def scratch_trainer(cfg: Config, data: PreparedData) -> TrainerConfig:
     per_epoch = len(make_loader(data.splits["train"], cfg.data.max_tokens, t.seed, True, None)) // max(1, t.accum_steps)
     stage_steps = lambda e, s: min(e * per_epoch, s) if s else e * per_epoch  # noqa: E731
     return replace(t, max_epochs=epochs, max_steps=stage_steps(w.max_epochs, w.max_steps) + stage_steps(t.max_epochs, t.max_steps))
-
-
-def check_recipe(cfg: Config) -> None:
-    if cfg.warm_start.scratch_budget not in ("stage", "total"):
-        raise ConfigError(f"warm_start.scratch_budget={cfg.warm_start.scratch_budget!r} is not one of stage, total")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -366,7 +362,6 @@ def run(cfg: Config) -> dict[str, Any]:
     """
     check_values(cfg)  # also checked on the command line; here for library callers
     check_device(cfg.trainer.device)
-    check_recipe(cfg)
     if cfg.model.fused and cfg.bert.trust_remote_code:
         log.warning("bert.trust_remote_code=true: Python code shipped with the encoder %r will run", cfg.bert.path)
     ddp = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_min)  # under torchrun
@@ -444,16 +439,16 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer |
     meta: dict[str, Any] = {
         "git_sha": git_sha(), "command": " ".join(sys.argv), "torch": str(torch.__version__),
         "data_key": data.key, "vocab_sha256": data.vocab.sha256, "vocab_size": len(data.vocab),
-        "data_report": data.report, "model": asdict(cfg.model),
+        "data_report": data.report, "model": plain(cfg.model),
         # checkpoints carry their config and vocabulary, so evaluate/translate/export need no run dir
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "vocab_path": str(data.vocab.path.resolve()),
+        "config": to_plain_container(cfg), "vocab_path": str(data.vocab.path.resolve()),
     }
     if tok is not None:
         with distributed.main_first():
             add_encoder_view(data, tok)
         enc_pad_id = tok.pad_id
         meta["encoder"] = {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer,
-                           "layer_mix": cfg.bert.layer_mix, "features": cfg.bert.features,
+                           "layer_mix": cfg.bert.layer_mix, "features": cfg.bert.features.value,
                            "random_init": cfg.bert.random_init}
     write_json(run_dir / "meta.json", meta)
 

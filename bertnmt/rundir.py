@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bertnmt.atomic import write_text
-from bertnmt.config import Config
+from bertnmt.config import Config, to_plain_container
 from bertnmt.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_dict(cfg: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """``cfg`` as plain values (choices as their words), as ``config.yaml`` reads back."""
+    return to_plain_container(cfg)
 
 
 def save_config(cfg: Config, run_dir: Path) -> None:

@@ -26,7 +26,7 @@ from bertnmt import distributed  # DDP under torchrun; no-ops in one process
 from bertnmt.checkpoint import (BEST, LAST, latest_checkpoint, link_checkpoint, load_checkpoint, load_model_weights,
                                 model_weights, remove_temp_files, rng_state, rotate, save_checkpoint, set_rng_state,
                                 step_checkpoint)
-from bertnmt.config import Config
+from bertnmt.config import Config, Precision, Unit
 from bertnmt.data.collate import Batch, make_loader
 from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import PreparedData
@@ -72,7 +72,7 @@ def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad_id: int, eps: 
 
 
 def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device: torch.device,
-                 use_features: bool = True, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                 use_features: bool = True, precision: Precision | str = Precision.auto) -> tuple[torch.Tensor, torch.Tensor]:
     """One training forward: (summed smoothed loss, summed NLL) of a batch, as 0-dim device tensors.
 
     The cached H_B in ``batch.bert_feats`` is used when present and ``use_features``. The output layer
@@ -129,7 +129,6 @@ class Trainer:
         self.cfg, self.model, self.data, self.policy = cfg, model, data, policy
         self.run_dir, self.stage, self.meta = Path(run_dir), stage, meta
         self.device = pick_device(cfg.trainer.device)
-        autocast(self.device, cfg.trainer.precision)  # a bad trainer.precision fails here, before any work
         if cfg.trainer.valid_bleu_every < 1:
             raise ConfigError(f"trainer.valid_bleu_every={cfg.trainer.valid_bleu_every} must be at least 1")
         check_early_stop(cfg.trainer.early_stop, cfg.trainer.valid_bleu, cfg.trainer.valid_bleu_every)
@@ -263,7 +262,7 @@ class Trainer:
         ntok = sum(b.ntokens for b in accum)
         if self._sums is None:  # an update outside train_epoch (benchmarks, tests)
             self._start_sums(pos)
-        if self.policy.unit == "step":
+        if self.policy.unit == Unit.step:
             self._sync_policy(epoch)  # requires_grad for this update, before its forward passes
         norm = self.replicas.begin_update(ntok, len(accum))  # all ranks' tokens / N (= ntok in one process)
         loss_sum, oom = None, False

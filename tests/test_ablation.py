@@ -281,7 +281,9 @@ def test_early_stopping_rule_is_a_function_of_the_epoch_records() -> None:
     assert early_stop_epoch(recs, bleu) is None and best_epoch(recs, bleu) == 4
     assert early_stop_epoch(recs, EarlyStopConfig(patience=0)) is None  # off
     assert early_stop_epoch(recs, EarlyStopConfig(patience=1, metric="bleu")) == 3
-    for bad, match in ((EarlyStopConfig(metric="ppl"), "metric='ppl'"), (EarlyStopConfig(patience=-1), "patience=-1"),
+    with pytest.raises(ConfigError, match="trainer.early_stop.metric='ppl' is not one of loss, bleu"):
+        EarlyStopConfig(metric="ppl")
+    for bad, match in ((EarlyStopConfig(patience=-1), "patience=-1"),
                        (EarlyStopConfig(patience=2, metric="bleu"), "needs trainer.valid_bleu")):
         with pytest.raises(ConfigError, match=match):
             check_early_stop(bad, valid_bleu=False)

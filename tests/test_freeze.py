@@ -322,13 +322,17 @@ def rules_cfg(*rules: FreezeRule, **kw) -> FreezeConfig:
     (rules_cfg(FreezeRule(match="decoder.layers.*", start=0)), r"freeze.rules\[0\].start=0 is before the first epoch"),
     (rules_cfg(FreezeRule(match="re:(")), r"freeze.rules\[0\].match='re:\(' is not a valid regular expression"),
     (rules_cfg(FreezeRule(match="group:bert.layer.top")), r"unknown parameter group 'bert.layer.top'"),
-    (rules_cfg(FreezeRule(match="fc2.*"), unit="epochs"), r"freeze.unit='epochs' is not one of epoch, step"),
     (FreezeConfig(policy="unfreeze_after"), r"freeze.unfreeze_at=null"),
     (FreezeConfig(policy="gradual", every=0), r"freeze.every=0"),
 ])
 def test_config_errors_without_a_model(cfg: FreezeConfig, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         FreezePolicy(cfg)
+
+
+def test_a_unit_outside_its_choices_is_refused_when_the_config_is_built() -> None:
+    with pytest.raises(ConfigError, match=r"^freeze.unit='epochs' is not one of epoch, step$"):
+        rules_cfg(FreezeRule(match="fc2.*"), unit="epochs")
 
 
 @pytest.mark.parametrize("cfg, message", [

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from bertnmt.atomic import atomic_dir, remove_stale_temps, temp_name
+from bertnmt.config import FeatureCache
 from bertnmt.data.prepare import PreparedData, Split
-from bertnmt.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +180,16 @@ def load_store(folder: Path, name: str) -> FeatureStore:
 
 
 def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: str, enc_pad_id: int,
-                  device: torch.device, budget_gb: float, mode: str = "auto",
+                  device: torch.device, budget_gb: float, mode: FeatureCache | str = FeatureCache.auto,
                   frozen: bool = True) -> dict[str, FeatureStore] | None:
     """The cached H_B of every split, built now if needed; None (on-the-fly features) when off or too big.
 
     ``frozen``: the freeze policy's word that the encoder has not trained so far
     (:meth:`~bertnmt.freeze.FreezePolicy.encoder_untrained`). The encoder is put in eval mode
     while computing, as the policy holds it in training. The decision is logged in one line.
+    ``mode``: ``bert.cache_features`` (a plain word is read as its member).
     """
-    if mode not in ("auto", "off"):
-        raise ConfigError(f"bert.cache_features={mode!r}: expected 'auto' or 'off'")
-    if mode == "off":
+    if FeatureCache.parse(mode, "bert.cache_features") == FeatureCache.off:
         log.info("feature cache: off (bert.cache_features=off); H_B is computed on the fly")
         return None
     if not frozen:

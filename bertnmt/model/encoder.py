@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertnmt.config import ModelConfig
+from bertnmt.config import FusionCombine, ModelConfig
 from bertnmt.model.fusion import BertAttention, drop_net_mix, drop_net_weights, runs
 from bertnmt.model.layers import FeedForward, LayerNorm, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.variants import fused_layer_ids
@@ -41,7 +41,7 @@ class FusedEncoderLayer(nn.Module):
         self.bert_attn = (
             BertAttention(C, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
         )
-        self.stacked = bool(bert_dim) and cfg.fusion_combine == "stacked"
+        self.stacked = bool(bert_dim) and cfg.fusion_combine == FusionCombine.stacked
         self.bert_attn_ln = LayerNorm(C) if self.stacked else None
         self.ffn = FeedForward(C, cfg.ffn_dim, cfg.dropout, cfg.act_dropout)
         self.ffn_ln = LayerNorm(C)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertnmt.config import ModelConfig
+from bertnmt.config import BertInput, ModelConfig
 from bertnmt.model.decoder import Decoder, DecoderState
 from bertnmt.model.encoder import Encoder
 from bertnmt.model.layer_mix import LayerMix
@@ -50,24 +50,24 @@ class BertFusedTransformer(nn.Module):
         super().__init__()
         check_model_config(cfg)
         self.cfg, self.vocab_size, self.pad_id = cfg, vocab_size, pad_id
-        self.bert_input = cfg.bert_input if cfg.fused else "fused"
-        self.uses_bert = cfg.fused and (cfg.fuse_encoder or cfg.fuse_decoder or self.bert_input != "fused")
+        self.bert_input = cfg.bert_input if cfg.fused else BertInput.fused
+        self.uses_bert = cfg.fused and (cfg.fuse_encoder or cfg.fuse_decoder or self.bert_input != BertInput.fused)
         if self.uses_bert and bert is None:
             raise ValueError("model.fused=true needs a PretrainedEncoder (bert)")
         self.bert = bert if self.uses_bert else None
         H = bert.hidden_size if self.bert is not None else None
-        bert_dim = H if self.bert_input == "fused" else None  # the width of BERT attention's keys, or no fusion
+        bert_dim = H if self.bert_input == BertInput.fused else None  # the width of BERT attention's keys, or no fusion
         self.bert_mix = LayerMix(bert.n_states) if self.bert is not None and bert.layer_mix else None
 
         C = cfg.d_model
         self.embed_tokens = self._embedding(vocab_size, C, pad_id)
         self.bert_proj = None
-        if self.bert_input == "embedding":  # H_B -> input embeddings, scaled like token embeddings (std C^-0.5)
+        if self.bert_input == BertInput.embedding:  # H_B -> input embeddings, scaled like token embeddings (std C^-0.5)
             self.bert_proj = nn.Linear(H, C)
             nn.init.normal_(self.bert_proj.weight, mean=0.0, std=(H * C) ** -0.5)
             nn.init.zeros_(self.bert_proj.bias)
-        self.encoder = Encoder(cfg, bert_dim) if self.bert_input != "replace" else None
-        self.decoder = Decoder(cfg, bert_dim, enc_dim=H if self.bert_input == "replace" else None)
+        self.encoder = Encoder(cfg, bert_dim) if self.bert_input != BertInput.replace else None
+        self.decoder = Decoder(cfg, bert_dim, enc_dim=H if self.bert_input == BertInput.replace else None)
         if cfg.share_embeddings:
             self.decoder_embed_tokens = None
             self.output_projection = None
@@ -119,10 +119,10 @@ class BertFusedTransformer(nn.Module):
                 raise ValueError("a BERT-fused model needs enc_ids and enc_mask (or bert_out)")
             else:
                 h_b, b_pad = self.bert_features(enc_ids, enc_mask)
-        if self.bert_input == "embedding":  # feature-based (paper section 3): H_B as input embeddings
+        if self.bert_input == BertInput.embedding:  # feature-based (paper section 3): H_B as input embeddings
             enc_out = self.encoder(self.bert_proj(h_b), b_pad)  # (B, E, C)
             return EncoderOut(enc_out, b_pad)
-        if self.bert_input == "replace":  # the pretrained encoder is the NMT encoder (paper section 3)
+        if self.bert_input == BertInput.replace:  # the pretrained encoder is the NMT encoder (paper section 3)
             return EncoderOut(h_b, b_pad)  # (B, E, H)
         enc_out = self.encoder(self.embed_tokens(src), src_pad, h_b, b_pad)  # (B, S, C)
         return EncoderOut(enc_out, src_pad, h_b, b_pad)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bertnmt.config import BertConfig
+from bertnmt.config import BertConfig, Features
 from bertnmt.errors import ConfigError
 from bertnmt.model.variants import check_bert_config
 
@@ -150,7 +150,7 @@ class PretrainedEncoder(nn.Module):
         self.layer = cfg.layer
         self.n_states = n_layers + 1  # the hidden states: embeddings + one per block
         self.layer_mix = cfg.layer_mix  # the model mixes all_layers() with its own weights (bert_mix)
-        self.random_features = cfg.features == "random"
+        self.random_features = cfg.features == Features.random
         self.random_seed = cfg.random_seed
         self.frozen = False  # set by the freeze policy (bertnmt.freeze); enforced here
         self._mode = True  # the mode last asked for by ``train()``, restored on unfreezing
