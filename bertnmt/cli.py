@@ -11,71 +11,13 @@ from __future__ import annotations
 import difflib
 import errno
 import os
-import re
 import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from bertnmt.errors import BertNMTError, ConfigError, TrainingInterrupted
-
-# OmegaConf's report of a value outside a Choice's set, rewritten as "key='value' is not one of a, b"
-_CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<names>.*)\]\n\s*full_key: (?P<key>\S+)")
-_COMPOSING = re.compile(r"\w+ raised while composing config:\n")
-_NOISE = ("full_key:", "reference_type=", "object_type=", "See https://", "Set the environment variable HYDRA_FULL_ERROR")
-
-
-def one_line(exc: BaseException) -> str:
-    """A Hydra / OmegaConf exception (and its cause) as one line, without the key-path and search-path noise."""
-    parts: list[str] = []
-    options: list[str] = []
-    keys: list[str] = []
-    skip = False
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        text = _CHOICE.sub(lambda m: f"{m['key']}={m['value']!r} is not one of {m['names']}", str(e))
-        text = _COMPOSING.sub("", text)  # "In 'exp/x': ValidationError raised while composing config:\n..."
-        for line in text.splitlines():
-            text = line.strip()
-            if text.startswith("full_key:") and text[9:].strip():
-                keys.append(text[9:].strip())
-            if not text or text.startswith(_NOISE):
-                continue
-            if text.startswith("Config search path"):
-                skip = True
-            elif line.startswith("\t") and options and not skip:
-                options.append(text)
-            elif not line.startswith("\t"):
-                skip = False
-                if text.startswith("Available options"):
-                    options = [text.rstrip(":") + ":"]
-                else:
-                    parts.append(text.rstrip("."))
-        if options:
-            parts.append(options[0] + " " + ", ".join(options[1:]))
-            options = []
-        e = e.__cause__
-    named = {p.split("=", 1)[0] for p in parts if " is not one of " in p}
-    parts = [p for p in parts if not any(p.startswith(f"Error merging override {k}=") for k in named)]
-    out = "; ".join(parts) or type(exc).__name__
-    missing = [k for k in dict.fromkeys(keys) if k not in out]
-    return out + (f" (key {', '.join(missing)})" if missing else "")
-
-
-def check_writable(folder: Path, key: str) -> None:
-    """``folder`` exists as a writable folder or can be created (its nearest existing ancestor is one)."""
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{key}={folder}: cannot create the output folder, {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={folder}: cannot create the output folder, {probe} is not writable")
-
+from bertnmt.core.atomic import check_writable
+from bertnmt.core.errors import BertNMTError, ConfigError, TrainingInterrupted, one_line
 
 def _schema_node(schema: Any, key: str) -> str | None:
     """Why ``key`` is not a key of the schema (a sentence), or None when it is one.
@@ -105,7 +47,7 @@ def check_keys(conf_dir: Path, argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from bertnmt.config import Config
+    from bertnmt.core.config import Config
 
     try:
         overrides = OverridesParser.create().parse_overrides(argv)
@@ -124,7 +66,7 @@ def check_keys(conf_dir: Path, argv: list[str]) -> None:
 def check_command_line(conf_dir: Path, argv: list[str], config_name: str = "config") -> None:
     """Compose ``argv``'s overrides like Hydra will; a ConfigError names the key, value or option at fault.
 
-    Also checks the values (:func:`bertnmt.config.check_values`) and that ``data.cache_dir`` can be
+    Also checks the values (:func:`bertnmt.core.config.check_values`) and that ``data.cache_dir`` can be
     written. Command lines with Hydra flags (``--multirun``, ``--cfg``, ``--help``, ...) are left to Hydra.
     """
     if any(a.startswith("-") for a in argv):
@@ -132,7 +74,7 @@ def check_command_line(conf_dir: Path, argv: list[str], config_name: str = "conf
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from bertnmt.config import check_values, register_configs, to_config
+    from bertnmt.core.config import check_values, register_configs, to_config
 
     register_configs()
     check_keys(conf_dir, argv)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from bertnmt.config import BertConfig, Features, ModelConfig
-from bertnmt.errors import ConfigError
+from bertnmt.core.config import BertConfig, Features, ModelConfig
+from bertnmt.core.errors import ConfigError
 
 _SUBSET = re.compile(r"(first|last):(\d+)")
 

@@ -1,0 +1,33 @@
+"""Where a run computes, in which precision, and how much memory it took at most (``trainer.device``,
+``trainer.precision``)."""
+from __future__ import annotations
+
+import resource
+from contextlib import nullcontext
+
+import torch
+
+from bertnmt.core.config import Precision
+
+
+def pick_device(name: str) -> torch.device:
+    """``trainer.device``: auto = cuda when there is one, else cpu; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: Precision | str = Precision.auto) -> torch.autocast | nullcontext:
+    """``trainer.precision``: auto = bf16 autocast on CUDA, fp32 on the CPU (faster there, see
+    docs/benchmarks.md); bf16 = autocast on any device; fp32 = none. A plain word is read as its member."""
+    precision = Precision.parse(precision, "trainer.precision")
+    if precision == Precision.bf16 or (precision == Precision.auto and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated, or the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
