@@ -242,6 +242,10 @@ CASES = {
     "unknown key": Case(unknown_key),
     "unknown group option": Case(unknown_option),
     "value of the wrong type": Case(bad_value),
+    "choice outside its set": Case(value("freeze.policy", "thaw", "freeze.policy='thaw' is not one of frozen, finetune, "
+                                         "unfreeze_after, gradual, nmt_frozen, rules")),
+    "early-stopping metric outside its set": Case(value("trainer.early_stop.metric", "ppl",
+                                                        "trainer.early_stop.metric='ppl' is not one of loss, bleu")),
     "freeze rule matching nothing": Case(bad_freeze_rule),
     "contradicting freeze rules": Case(overlapping_rules),
     "warm start of another vocabulary": Case(warm_other_vocab, plain=False),
