@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from bertnmt.core.atomic import check_writable
 from bertnmt.core.errors import BertNMTError, ConfigError, TrainingInterrupted, one_line

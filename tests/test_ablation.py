@@ -418,7 +418,7 @@ def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Pat
         md = run_ablation(out, rows, overrides, launcher="inprocess", converge=True)
     log = caplog.text
     assert "row transformer seed 1: finished" in log and "row fused seed 1: unfinished folder" in log
-    assert f"[fused] resumed from" in log and f"step {killed[0]}" in log
+    assert "[fused] resumed from" in log and f"step {killed[0]}" in log
     assert (row_dir(out, "transformer", 1) / "summary.json").stat().st_mtime_ns == done
     epochs = [json.loads(line) for line in (fused_dir / "results.jsonl").read_text().splitlines()]
     fused_epochs = [r["epoch"] for r in epochs if r.get("stage") == "fused" and "split" not in r]

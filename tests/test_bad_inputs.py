@@ -11,7 +11,7 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch

@@ -131,8 +131,8 @@ def test_drop_net_skipping_branches_trains_with_the_same_draws_on_both_ranks(ddp
     # no all-reduce) and skipped in its second one (the all-reduce): its gradient was still averaged
     layers = 4  # 2 encoder + 2 decoder layers draw once per forward each
     per_forward = [r0["draws"][i:i + layers] for i in range(0, len(r0["draws"]), layers)]
-    assert any(a[1] > 0 and b[1] == 0 for first, second in zip(per_forward[::2], per_forward[1::2])
-               for a, b in zip(first, second))
+    assert any(a[1] > 0 and b[1] == 0 for first, second in zip(per_forward[::2], per_forward[1::2], strict=False)
+               for a, b in zip(first, second, strict=False))
     before = pretrained(bert_path, "dropnet")
     key = "bert.model.encoder.layer.1.output.dense.weight"
     assert not torch.equal(r0["weights"][key], before[key])

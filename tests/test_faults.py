@@ -9,7 +9,7 @@ import math
 import os
 import signal
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

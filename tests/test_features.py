@@ -40,8 +40,8 @@ def fused_model(bert_path: str) -> BertFusedTransformer:
     return BertFusedTransformer(TINY, vocab_size=50, pad_id=0, bert=PretrainedEncoder(BertConfig(path=bert_path)))
 
 
-def frozen_policy(model: BertFusedTransformer, cfg: FreezeConfig = FreezeConfig(policy="frozen")) -> FreezePolicy:
-    policy = FreezePolicy(cfg)
+def frozen_policy(model: BertFusedTransformer, cfg: FreezeConfig | None = None) -> FreezePolicy:
+    policy = FreezePolicy(cfg or FreezeConfig(policy="frozen"))
     policy.apply(model, epoch=1, step=0)
     return policy
 
@@ -166,7 +166,7 @@ def test_cached_and_live_training_give_the_same_losses(bert_path: str, tmp_path:
     assert live_calls.n > 0 and cached_calls.n == 0  # the cached run never runs the encoder
     assert len(live_losses) == len(cached_losses) > 4
     np.testing.assert_allclose(cached_losses, live_losses, rtol=2e-3)
-    for (name, a), b in zip(live.model.named_parameters(), cached.model.parameters()):
+    for (name, a), b in zip(live.model.named_parameters(), cached.model.parameters(), strict=True):
         # Adam moves a weight by <= ~lr = 1e-3 a step; fp16-rounded H_B may flip the sign of a few steps
         torch.testing.assert_close(b, a, rtol=0, atol=3e-3, msg=name)
 

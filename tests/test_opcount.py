@@ -137,7 +137,7 @@ def test_bucket_padding_gives_few_shapes_and_the_same_loss() -> None:
     model = BertFusedTransformer(PLAIN, 50, 0, None).eval()
     data = fake_data(60, max_len=9, with_encoder=False)
     plain, padded = (list(make_loader(data.splits["train"], 200, 0, False, None, pad_multiple=m)) for m in (1, 8))
-    for a, b in zip(plain, padded):
+    for a, b in zip(plain, padded, strict=False):
         assert b.src.size(1) % 8 == 0 and b.tgt_out.size(1) % 8 == 0 and b.out_idx.numel() % 64 == 0
         assert a.out_idx.numel() == a.ntokens == b.ntokens
         with torch.no_grad():

@@ -65,7 +65,7 @@ def test_two_stage_recipe_writes_results_and_reuses_baseline(tmp_path: Path, tin
     tests = {r["stage"]: r for r in records if r.get("split") == "test"}
     assert set(tests) == {"baseline", "fused", "transformer"}
     refs = (run_dir / "test.ref").read_text(encoding="utf-8").splitlines()
-    for stage, rec in tests.items():
+    for rec in tests.values():
         hyps = (run_dir / rec["hypotheses"]).read_text(encoding="utf-8").splitlines()
         assert len(hyps) == len(refs) == 12
         direct = sacrebleu.corpus_bleu(hyps, [refs])

@@ -281,14 +281,14 @@ def test_two_commands_started_at_once_after_a_kill_lose_nothing(corpus: Path, tm
 
     folders = [runs / "new", runs / "new"] if shared else [runs / "new_a", runs / "new_b"]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [popen_train([*base, f"hydra.run.dir={f}"], log) for f, log in zip(folders, logs)]
+    procs = [popen_train([*base, f"hydra.run.dir={f}"], log) for f, log in zip(folders, logs, strict=True)]
     codes = [p.wait(600) for p in procs]
     texts = [log.read_text() for log in logs]
     assert set(codes) <= {0, 2} and 0 in codes, texts
     resumed = [t for t in texts if f"resuming the unfinished run in {old}" in t]
     assert len(resumed) == 1, texts  # the killed run is continued by exactly one of them
     assert (old / "summary.json").is_file() and (old / "train.log").is_file() and (old / ".hydra").is_dir()
-    for code, text in zip(codes, texts):
+    for code, text in zip(codes, texts, strict=True):
         assert "Traceback" not in text, text
         if code == 2:
             errors = [line for line in text.splitlines() if line.startswith("error:")]

@@ -159,7 +159,7 @@ def test_beam5_nbest_sorted_clean_and_bounded(bert, copy_model, trained):
     src, enc_ids, enc_mask = batch(sents)
     hyps = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=5, nbest=3, max_len_a=1.5, max_len_b=3))
     assert len(hyps) == len(sents)
-    for s, nb in zip(sents, hyps):
+    for s, nb in zip(sents, hyps, strict=True):
         assert len(nb) == 3
         scores = [score for _, score in nb]
         assert scores == sorted(scores, reverse=True)

@@ -144,7 +144,7 @@ def test_evaluate_paper_style_on_files(trained: dict, tmp_path: Path) -> None:
 def test_nbest_is_sorted_and_its_best_is_the_1best(trained: dict) -> None:
     tr = load_model(trained["run"] / "export")
     nbest = tr.translate_nbest(trained["src"][:4], beam=3, nbest=3)
-    for hyps, best in zip(nbest, trained["hyps"][:4]):
+    for hyps, best in zip(nbest, trained["hyps"][:4], strict=True):
         assert len(hyps) == 3 and hyps[0].text == best
         scores = [h.score for h in hyps]
         assert scores == sorted(scores, reverse=True)

@@ -22,7 +22,8 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from bertnmt.core.errors import ConfigError, OutputError
 

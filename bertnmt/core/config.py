@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -205,8 +205,8 @@ class FreezeRule:
 
     match: str = ""  # required: an empty match is a ConfigError
     frozen: bool = True
-    start: Optional[int] = None
-    end: Optional[int] = None
+    start: int | None = None
+    end: int | None = None
     lr_mult: float = 1.0
     warmup: int = 0
 
@@ -218,10 +218,10 @@ class FreezeConfig:
     policy: Policy = Policy.frozen
     unit: Unit = Unit.epoch  # epoch (1-based) | step (0-based optimizer updates): the unit of every window
     bert_lr_mult: float = 1.0  # the pretrained encoder's lr multiplier whenever it trains
-    unfreeze_at: Optional[int] = None  # unfreeze_after: the encoder trains from here; gradual: its top layer does
+    unfreeze_at: int | None = None  # unfreeze_after: the encoder trains from here; gradual: its top layer does
     warmup: int = 0  # unfreeze_after / gradual: linear lr warm-up over this many units after each unfreeze
     every: int = 1  # gradual: one more encoder layer (top down, then its embeddings) every `every` units
-    until: Optional[int] = None  # nmt_frozen: the NMT part is fixed before this position (null = always)
+    until: int | None = None  # nmt_frozen: the NMT part is fixed before this position (null = always)
     rules: list[FreezeRule] = field(default_factory=list)  # policy=rules; with a preset, appended to its rules
     dry_run: bool = False  # print what trains at each epoch (or switch step) and exit, without data
 
@@ -236,7 +236,7 @@ class DataConfig:
     src_lang: str = "en"
     tgt_lang: str = "de"
     # Local mirror of the upstream files; null = download from upstream.
-    mirror: Optional[str] = None
+    mirror: str | None = None
     cache_dir: str = "data/cache"
     # custom corpus: split -> {src: path, tgt: path}
     custom: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -245,9 +245,9 @@ class DataConfig:
     split_seed: int = 1  # for corpora shipped as one file (tatoeba)
     valid_size: int = 300
     test_size: int = 300
-    train_limit: Optional[int] = None  # keep the first N training pairs (smoke runs)
-    valid_limit: Optional[int] = None
-    test_limit: Optional[int] = None
+    train_limit: int | None = None  # keep the first N training pairs (smoke runs)
+    valid_limit: int | None = None
+    test_limit: int | None = None
     max_tokens: int = 4096  # token budget per batch (source, target and encoder lengths)
     # training batches' lengths are padded to a multiple of this (few distinct shapes for torch.compile and
     # CUDA graphs); 0 = auto: 8 on CUDA or with trainer.compile, else 1 (padding costs ~15% on the CPU)
@@ -325,7 +325,7 @@ class EvalConfig:
 class WarmStartConfig:
     """Paper section 5: the NMT part starts from a plain Transformer of the same vocabulary."""
 
-    path: Optional[str] = None  # a checkpoint; null with auto=true trains (or reuses) a baseline
+    path: str | None = None  # a checkpoint; null with auto=true trains (or reuses) a baseline
     auto: bool = False
     max_epochs: int = 10  # epochs of the automatically trained baseline
     max_steps: int = 0

@@ -101,7 +101,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         batches: list[list[int]] = []
         current: list[int] = []
         width = 0
-        for i, w in zip(order.tolist(), self.widths[order].tolist()):
+        for i, w in zip(order.tolist(), self.widths[order].tolist(), strict=True):
             # ascending widths: adding i makes the batch width w
             if current and (len(current) + 1) * max(width, w) > self.max_tokens:
                 batches.append(current)

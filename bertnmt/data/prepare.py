@@ -237,7 +237,7 @@ def load_ragged(stem: Path) -> list[np.ndarray]:
     if flat.dtype != np.int32 or offsets.ndim != 1 or len(offsets) == 0 or offsets[-1] != len(flat):
         raise ValueError(f"{stem}: ids and offsets do not match")
     bounds = offsets.tolist()
-    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _write_texts(path: Path, texts: list[str]) -> None:

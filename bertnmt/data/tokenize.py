@@ -260,6 +260,6 @@ class EncoderTokenizer:
             cut = self.hf(
                 [texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=self.max_length
             )["input_ids"]
-            for i, seq in zip(long, cut):
+            for i, seq in zip(long, cut, strict=True):
                 ids[i] = seq
         return [list(seq) for seq in ids], len(long)

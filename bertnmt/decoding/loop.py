@@ -9,7 +9,8 @@ and lets a batch's sentences finish at about the same step. It needs the model, 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ def length_batches(src_lens: Sequence[int], enc_lens: Sequence[int] | None, beam
                    max_sents: int = 0) -> list[list[int]]:
     """Sentence indices cut into batches, longest first: ``beam x batch size x its longest source`` (source
     tokens + eos, or encoder tokens where longer) stays within ``max_tokens``; a longer sentence goes alone."""
-    cost = [n + 1 for n in src_lens] if enc_lens is None else [max(n + 1, e) for n, e in zip(src_lens, enc_lens)]
+    cost = [n + 1 for n in src_lens] if enc_lens is None else [max(n + 1, e) for n, e in zip(src_lens, enc_lens, strict=True)]
     order = sorted(range(len(cost)), key=lambda i: (-cost[i], i))
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -95,7 +96,7 @@ def decode_corpus(model: BertFusedTransformer, src_ids: Sequence[np.ndarray], en
             b = collate(samples, enc_pad_id if enc is not None else None, opts.pad_id, opts.bos_id, opts.eos_id)
             b = b.to(device)
             bert_out = (b.bert_feats.float(), b.enc_mask.eq(0)) if b.bert_feats is not None else None  # (B, E, Hb)
-            for i, hyps in zip(idx, search(model, b.src, b.enc_ids, b.enc_mask, opts, bert_out)):
+            for i, hyps in zip(idx, search(model, b.src, b.enc_ids, b.enc_mask, opts, bert_out), strict=True):
                 out[i] = hyps
     model.train(was_training)
     return out

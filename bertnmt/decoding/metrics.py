@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 
 from sacrebleu.metrics import BLEU, CHRF
 
@@ -35,7 +35,7 @@ class Score:
         return asdict(self)
 
 
-@lru_cache(maxsize=None)
+@cache
 def bleu_tokenizer_for(lang: str) -> str:
     """sacreBLEU's tokenizer for a target language (its own defaults; Korean needs ``sacrebleu[ko]``).
 
@@ -80,7 +80,7 @@ class BleuOptions:
         return [tok.tokenize(t, escape=False, return_str=True) for t in texts]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _moses(lang: str):
     from sacremoses import MosesTokenizer
 

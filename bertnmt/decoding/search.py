@@ -159,7 +159,7 @@ def greedy_search(
                 state.select(keep)
     model.train(was_training)
     out, out_len = out.tolist(), out_len.tolist()
-    return [row[:n] for row, n in zip(out, out_len)]
+    return [row[:n] for row, n in zip(out, out_len, strict=True)]
 
 
 @torch.inference_mode()

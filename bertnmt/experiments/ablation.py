@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 from bertnmt.core.paths import CONF_DIR, PROJECT_ROOT, TRAIN_SCRIPT
 from bertnmt.core.config import Config, plain, register_configs, to_config
@@ -67,8 +67,8 @@ def _split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
     return cfg, hydra
 
 
-def compose_rows(rows: Sequence[Row], overrides: Sequence[str] = (), seeds: Sequence[Optional[int]] = (None,)
-                 ) -> dict[tuple[str, Optional[int]], Config]:
+def compose_rows(rows: Sequence[Row], overrides: Sequence[str] = (), seeds: Sequence[int | None] = (None,)
+                 ) -> dict[tuple[str, int | None], Config]:
     """The typed config of every (row, seed), as ``scripts/train.py +exp=ablation/<row> <overrides>
     trainer.seed=<seed>`` would build it (seed None: the config's own). A bad override is a ConfigError."""
     from hydra import compose, initialize_config_dir
@@ -93,7 +93,7 @@ def compose_rows(rows: Sequence[Row], overrides: Sequence[str] = (), seeds: Sequ
     return cfgs
 
 
-def compose_row(row: Row, overrides: Sequence[str] = (), seed: Optional[int] = None) -> Config:
+def compose_row(row: Row, overrides: Sequence[str] = (), seed: int | None = None) -> Config:
     """The typed config of one row (see :func:`compose_rows`)."""
     return compose_rows([row], overrides, [seed])[row.name, seed]
 
@@ -155,7 +155,7 @@ def run_ablation(
     out: str | Path,
     rows: str | Sequence[str] | None = None,
     overrides: Sequence[str] = (),
-    seeds: Optional[Sequence[int]] = None,
+    seeds: Sequence[int] | None = None,
     launcher: str = "multirun",
     converge: bool = False,
 ) -> Path:
@@ -228,8 +228,8 @@ def run_ablation(
     return md
 
 
-def write_reports(out: str | Path, command: Optional[str] = None,
-                  jobs: Optional[list[tuple[str, int]]] = None) -> Path:
+def write_reports(out: str | Path, command: str | None = None,
+                  jobs: list[tuple[str, int]] | None = None) -> Path:
     """``ablations.md`` (and its plot) from the finished rows, and with ``jobs`` (the (row, seed) runs of a
     converged sweep) also ``converged.md``, runs not finished shown as pending; returns the ablations.md path."""
     if jobs is not None:

@@ -11,7 +11,7 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from bertnmt.experiments.rows import ROWS, Row, is_finished
 from bertnmt.core.atomic import atomic_path, write_text
@@ -30,21 +30,21 @@ class RowResult:
     epoch_time_s: list[float] = field(default_factory=list)  # mean epoch time of the final stage, per seed
     epochs: str = ""  # "3+1": baseline + own stage epochs; "4": from scratch
     start: str = ""  # "warm start", "continued", "scratch"
-    trainable_params: Optional[int] = None
-    total_params: Optional[int] = None
-    baseline_bleu: Optional[float] = None  # the shared warm-start baseline's test BLEU, when it had one
+    trainable_params: int | None = None
+    total_params: int | None = None
+    baseline_bleu: float | None = None  # the shared warm-start baseline's test BLEU, when it had one
     run_dirs: list[str] = field(default_factory=list)
     own_epochs: list[int] = field(default_factory=list)  # epochs the row's own stage trained, per seed
-    best_epochs: list[Optional[int]] = field(default_factory=list)  # its best validation epoch, per seed
+    best_epochs: list[int | None] = field(default_factory=list)  # its best validation epoch, per seed
     stops: list[str] = field(default_factory=list)  # why it ended: early_stop | max_epochs | max_steps, per seed
-    hyps: list[Optional[str]] = field(default_factory=list)  # its test hypothesis file, per seed
+    hyps: list[str | None] = field(default_factory=list)  # its test hypothesis file, per seed
 
     @property
-    def mean(self) -> Optional[float]:
+    def mean(self) -> float | None:
         return statistics.fmean(self.bleu) if self.bleu else None
 
     @property
-    def sd(self) -> Optional[float]:
+    def sd(self) -> float | None:
         return statistics.stdev(self.bleu) if len(self.bleu) > 1 else None
 
 
@@ -52,7 +52,7 @@ def _seed_of(path: Path) -> int:
     return int(path.name[len("seed"):])
 
 
-def read_row(out: Path, row: Row) -> Optional[RowResult]:
+def read_row(out: Path, row: Row) -> RowResult | None:
     """The finished seeds of one row, or None when none has finished."""
     folder = Path(out) / row.name
     seeds = sorted((p for p in folder.glob("seed*") if p.name[4:].lstrip("-").isdigit() and is_finished(p)), key=_seed_of)
@@ -91,7 +91,7 @@ def collect(out: Path) -> list[RowResult]:
     return [r for r in (read_row(Path(out), row) for row in ROWS) if r is not None]
 
 
-def _fmt(x: Optional[float], signed: bool = False) -> str:
+def _fmt(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "–"
     return f"{x:+.2f}" if signed else f"{x:.2f}"
@@ -105,7 +105,7 @@ def _bleu_cell(r: RowResult) -> str:
     return f"{r.mean:.2f} ± {r.sd:.2f} (n={len(r.bleu)})"
 
 
-def deltas(results: list[RowResult]) -> dict[str, Optional[float]]:
+def deltas(results: list[RowResult]) -> dict[str, float | None]:
     """Our BLEU change of every row against our Transformer row (None without it)."""
     ref = next((r.mean for r in results if r.row.name == REFERENCE), None)
     return {r.row.name: (None if ref is None or r.mean is None else r.mean - ref) for r in results}
@@ -128,7 +128,7 @@ def table_markdown(results: list[RowResult]) -> str:
     return "\n".join(lines)
 
 
-def plot_deltas(results: list[RowResult], path: Path) -> Optional[Path]:
+def plot_deltas(results: list[RowResult], path: Path) -> Path | None:
     """A horizontal bar chart of the BLEU deltas against the Transformer row, ours beside the paper's.
 
     Uses matplotlib's Agg canvas directly (no display, no global backend switch). None when no row has a delta.
@@ -149,7 +149,7 @@ def plot_deltas(results: list[RowResult], path: Path) -> Optional[Path]:
     ours = [d[r.row.name] if d[r.row.name] is not None else 0.0 for r in rows]
     err = [r.sd if r.sd is not None else 0.0 for r in rows]
     ax.barh([y + h / 2 for y in ys], ours, height=h, xerr=err if any(err) else None, color="#1f77b4", label="ours")
-    paper = [(y - h / 2, r.row.paper_delta) for y, r in zip(ys, rows) if r.row.paper_delta is not None]
+    paper = [(y - h / 2, r.row.paper_delta) for y, r in zip(ys, rows, strict=True) if r.row.paper_delta is not None]
     if paper:
         ax.barh([p[0] for p in paper], [p[1] for p in paper], height=h, color="#ff7f0e", label="paper (IWSLT'14 En-De)")
     ax.axvline(0.0, color="black", linewidth=0.8)
@@ -191,7 +191,7 @@ def _setup(results: list[RowResult]) -> list[str]:
     return lines
 
 
-def write_report(out: str | Path, command: Optional[str] = None) -> Path:
+def write_report(out: str | Path, command: str | None = None) -> Path:
     """Write ``<out>/ablations.md`` and ``<out>/ablations.png`` from the finished rows; returns the .md path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ class EncoderDims:
     ffn: int
 
     @classmethod
-    def from_hf(cls, config) -> "EncoderDims":
+    def from_hf(cls, config) -> EncoderDims:
         return cls(int(config.hidden_size), int(config.num_hidden_layers), int(config.intermediate_size))
 
 

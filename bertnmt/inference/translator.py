@@ -99,7 +99,7 @@ class Translator:
         split = self.encode(sentences)
         keep = [i for i, t in enumerate(split.src_text) if t]  # an empty line translates to an empty line
         out = [""] * len(sentences)
-        for i, hyp in zip(keep, self.translate_split(_subset(split, keep), beam, lenpen)):
+        for i, hyp in zip(keep, self.translate_split(_subset(split, keep), beam, lenpen), strict=True):
             out[i] = hyp
         return out
 
@@ -114,7 +114,7 @@ class Translator:
             return out
         sub = _subset(split, keep)
         found = decode_corpus(self.model, sub.src_ids, sub.enc_ids, opts, self.device, self.enc_pad_id)
-        for i, hyps in zip(keep, found):
+        for i, hyps in zip(keep, found, strict=True):
             out[i] = [Hypothesis(self.vocab.decode(ids), score, list(ids)) for ids, score in hyps]
         return out
 

@@ -43,7 +43,7 @@ class DecoderState:
         """N, the number of decoder rows."""
         return self.src_pad.size(0) * self.group
 
-    def expand(self, n: int) -> "DecoderState":
+    def expand(self, n: int) -> DecoderState:
         """Repeat every row ``n`` times in place (B -> B * n beams); the static K/V are shared."""
         index = torch.arange(self.batch_size, device=self.src_pad.device).repeat_interleave(n)
         for cache in self.self_kv:
@@ -51,7 +51,7 @@ class DecoderState:
         self.group *= n
         return self
 
-    def select(self, index: Tensor) -> "DecoderState":
+    def select(self, index: Tensor) -> DecoderState:
         """Keep decoder rows ``index`` (N',), in that order, in place; returns self.
 
         Used for beam reordering and for dropping finished sentences. The self-attention caches
@@ -77,7 +77,7 @@ class DecoderState:
 
     reorder = select  # beam reordering is a select whose rows stay within their groups
 
-    def reorder_beams(self, index: Tensor) -> "DecoderState":
+    def reorder_beams(self, index: Tensor) -> DecoderState:
         """Reorder decoder rows (N,) within their groups, in place; the caller guarantees that every
         group keeps its sentence. Unlike :meth:`select` it never reads the index on the host (no sync)."""
         for cache in self.self_kv:

@@ -163,7 +163,7 @@ class PretrainedEncoder(nn.Module):
             p.requires_grad_(not frozen)
         self.train(self._mode)
 
-    def train(self, mode: bool = True) -> "PretrainedEncoder":
+    def train(self, mode: bool = True) -> PretrainedEncoder:
         """Like ``nn.Module.train``, but while frozen everything stays in eval mode (no dropout)."""
         self._mode = mode
         return super().train(mode and not self.frozen)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from bertnmt.core import atomic
 from bertnmt.core.paths import PROJECT_ROOT

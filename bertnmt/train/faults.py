@@ -46,7 +46,7 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signum = signum  # nothing else here: a handler may run in the middle of any Python code
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         self.signum = None
         if threading.current_thread() is threading.main_thread():  # signal.signal only works there
             for s in STOP_SIGNALS:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Iterable, Optional
+from typing import Any
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -43,7 +44,7 @@ class FreezePolicy:
         self.user_rules = check_config(cfg)  # ConfigError on syntax, windows, values
         self.epoch, self.step = 1, 0  # the position: the current epoch (1-based) and optimizer update (0-based)
         self.rules: list[Rule] = []  # compiled, bound to the model's names
-        self._model: Optional[weakref.ref] = None  # the bound model (a weak reference: ids get reused)
+        self._model: weakref.ref | None = None  # the bound model (a weak reference: ids get reused)
         self._params: dict[str, nn.Parameter] = {}
         self._matches: dict[str, list[int]] = {}  # parameter name -> indexes of the rules matching it
         self._key: Any = None  # the state last applied
@@ -61,7 +62,7 @@ class FreezePolicy:
         """Where the schedule is, in its own unit."""
         return self.epoch if self.unit == Unit.epoch else self.step
 
-    def bind(self, model: nn.Module) -> "FreezePolicy":
+    def bind(self, model: nn.Module) -> FreezePolicy:
         """Compile the rules against ``model``'s parameter names; every name-dependent check happens here:
         a rule that matches no parameter, an unknown group or layer, two rules that contradict each other."""
         params = dict(model.named_parameters())
@@ -114,7 +115,7 @@ class FreezePolicy:
         return sorted(edges)
 
     # -- applying ----------------------------------------------------------------------------------
-    def apply(self, model: nn.Module, epoch: Optional[int] = None, step: Optional[int] = None) -> bool:
+    def apply(self, model: nn.Module, epoch: int | None = None, step: int | None = None) -> bool:
         """Move to (epoch, step) and enforce the state there; True when the trainable set changed.
 
         Cheap when nothing changed, so the trainer calls it at each epoch start, after every
@@ -182,12 +183,12 @@ class FreezePolicy:
     def scale_lrs(self, optimizer: Any, base_lrs: list[float]) -> None:
         """Set each group's lr to the schedule's base lr times its parameters' multiplier (before ``step()``).
         A group of one class shares its multiplier; a group without "names" uses its "name"."""
-        for group, base in zip(optimizer.param_groups, base_lrs):
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             names = group.get("names") or [group.get("name", "")]
             group["lr"] = base * self._mult.get(names[0], 1.0)
 
     # -- reporting ---------------------------------------------------------------------------------
-    def active_rules(self, pos: Optional[int] = None) -> list[str]:
+    def active_rules(self, pos: int | None = None) -> list[str]:
         pos = self.position if pos is None else pos
         return [r.describe(pos) for r in self.rules if r.active(pos)]
 
@@ -272,7 +273,7 @@ def schedule_table(policy: FreezePolicy, model: nn.Module, epochs: int, max_step
         rules = "; ".join(r.short(pos) for r in policy.rules if r.active(pos)) or "-"
         rows.append([str(pos), *cells, rules])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()  # noqa: E731
     title = (f"freeze policy {policy.cfg.policy.value!r}, unit {policy.unit} "
              "(windows [start, end): epochs 1-based, steps 0-based optimizer updates)")
     return "\n".join([title, fmt(header), *map(fmt, rows)])

@@ -11,7 +11,6 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from bertnmt.core.config import FreezeConfig, FreezeRule, Policy, Unit
 from bertnmt.core.errors import ConfigError
@@ -41,7 +40,7 @@ def param_group(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def bert_layer(name: str) -> Optional[int]:
+def bert_layer(name: str) -> int | None:
     """The block index of a ``bert.*`` parameter (``bert.model.encoder.layer.3.…`` -> 3), else None."""
     m = _BERT_LAYER.search(name) if name.startswith("bert.") else None
     return int(m.group(1)) if m else None
@@ -59,8 +58,8 @@ class Rule:
     label: str  # "freeze.rules[2]" (a user rule) or "freeze.policy='gradual'" (a preset's)
     match: str
     frozen: bool
-    start: Optional[int]
-    end: Optional[int]
+    start: int | None
+    end: int | None
     lr_mult: float
     warmup: int
     first: int  # the first position of the unit
@@ -98,7 +97,7 @@ class Rule:
         """E.g. ``freeze.rules[1] (fc2.weight trains [2, inf))`` (for error messages)."""
         return f"{self.label} ({self.match} {'frozen' if self.frozen else 'trains'} {self.window()})"
 
-    def describe(self, pos: Optional[int] = None) -> str:
+    def describe(self, pos: int | None = None) -> str:
         """E.g. ``freeze.rules[0]: fc2.* frozen [1, 4)``; with ``pos``, the multiplier there."""
         what = "frozen" if self.frozen else "trains"
         text = f"{self.label}: {self.match} {what} {self.window()}"
@@ -111,7 +110,7 @@ class Rule:
         """E.g. ``fc2.* frozen`` or ``group:bert lr x0.5`` (for the dry-run table)."""
         return f"{self.match} {'frozen' if self.frozen else f'lr x{self.mult(pos):.3g}'}"
 
-    def overlaps(self, other: "Rule") -> bool:
+    def overlaps(self, other: Rule) -> bool:
         return max(self.lo, other.lo) < min(self.hi, other.hi)
 
 
@@ -133,7 +132,7 @@ def known_groups(extra: tuple[str, ...] = ()) -> str:
     return "known: " + ", ".join(names)
 
 
-def check_window(start: Optional[int], end: Optional[int], unit: str, key: str) -> None:
+def check_window(start: int | None, end: int | None, unit: str, key: str) -> None:
     """Positions exist (epochs >= 1, steps >= 0) and the window [start, end) is not empty."""
     first = first_position(unit)
     for name, v in (("start", start), ("end", end)):
@@ -179,7 +178,7 @@ def preset_rules(cfg: FreezeConfig, n_layers: int) -> list[Rule]:
     first, b, w = first_position(cfg.unit), float(cfg.bert_lr_mult), int(cfg.warmup)
     label = f"freeze.policy={cfg.policy.value!r}"
 
-    def rule(match: str, frozen: bool, start: Optional[int] = None, end: Optional[int] = None, lr: float = 1.0,
+    def rule(match: str, frozen: bool, start: int | None = None, end: int | None = None, lr: float = 1.0,
              warmup: int = 0, required: bool = False) -> Rule:
         return Rule(label, match, frozen, start, end, lr, warmup, first, required)
 

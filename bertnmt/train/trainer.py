@@ -221,7 +221,7 @@ class Trainer:
             if key in state and len(state[key]) != n:
                 state[key] = [state[key][0]] * n
         self.scheduler.load_state_dict(state)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
 
     def _check_features(self) -> None:
