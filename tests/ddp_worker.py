@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from bertnmt.train import distributed
 from bertnmt.core.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
 from bertnmt.data.prepare import PreparedData
-from bertnmt.train.freeze import FreezePolicy
 from bertnmt.model import decoder, encoder
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
+from bertnmt.train import distributed
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 

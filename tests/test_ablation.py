@@ -13,11 +13,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bertnmt.core.paths import CONF_DIR
-from bertnmt.experiments.ablation import check_shared_baseline, compose_row, compose_rows, multirun_command, run_ablation
-from bertnmt.experiments.rows import ROW_BY_NAME, ROWS, parse_seeds, row_dir, select_rows
-from bertnmt.experiments.ablation_report import collect, deltas, table_markdown, write_report
 from bertnmt.core.errors import ConfigError
+from bertnmt.core.paths import CONF_DIR
+from bertnmt.experiments.ablation import (
+    check_shared_baseline,
+    compose_row,
+    compose_rows,
+    multirun_command,
+    run_ablation,
+)
+from bertnmt.experiments.ablation_report import collect, deltas, table_markdown, write_report
+from bertnmt.experiments.rows import ROW_BY_NAME, ROWS, parse_seeds, row_dir, select_rows
 from bertnmt.recipe.pipeline import baseline_key, check_freeze, scratch_trainer
 
 try:
@@ -315,8 +321,8 @@ def _hyps(out: Path, row: str, seed: int, refs: list[str], hyps: list[str]) -> N
 
 
 def test_converged_table_with_pending_rows_and_paired_bootstrap(tmp_path: Path) -> None:
-    from bertnmt.experiments.convergence_report import END, START, converged_table, update_doc
     from bertnmt.decoding.significance import paired_bootstrap
+    from bertnmt.experiments.convergence_report import END, START, converged_table, update_doc
 
     refs = [f"ein hund spielt im park nummer {i}" for i in range(200)]
     weak = [r if i % 3 else "ein hund" for i, r in enumerate(refs)]

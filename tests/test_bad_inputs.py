@@ -10,15 +10,15 @@ import os
 import random
 import shutil
 import subprocess
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from bertnmt.train.checkpoint import model_weights, save_checkpoint
 from bertnmt.core.config import ModelConfig
 from bertnmt.model.nmt import BertFusedTransformer
+from bertnmt.train.checkpoint import model_weights, save_checkpoint
 from tiny_encoder import make_tiny_bert
 from train_cli import run_train
 

@@ -4,7 +4,6 @@ The GPU command of the README (8,192-token batches over 3,000 pairs) has fewer b
 plus timed updates; the bench must go on into the next epoch, as the Trainer does, not stop."""
 from __future__ import annotations
 
-
 import pytest
 
 from bertnmt.experiments.bench import BenchSpec, compose_cfg, main, worker

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, model_weights, save_checkpoint, warm_start
 from bertnmt.core.config import BertConfig, ModelConfig
 from bertnmt.core.errors import CheckpointError
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
+from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, model_weights, save_checkpoint, warm_start
 from tiny_encoder import make_tiny_bert
 
 TINY = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2)

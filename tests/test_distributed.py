@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertnmt.train import distributed
-from bertnmt.data.batching import TokenBatchSampler
 from bertnmt.core.errors import ConfigError
+from bertnmt.data.batching import TokenBatchSampler
 from bertnmt.model import fusion
+from bertnmt.train import distributed
 from ddp_worker import SCENARIOS, make_model, run_scenario
 from tiny_encoder import make_tiny_bert
 

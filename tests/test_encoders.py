@@ -13,8 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from bertnmt.core.config import BertConfig, register_configs
-from bertnmt.data.tokenize import EncoderTokenizer
 from bertnmt.core.errors import ConfigError
+from bertnmt.data.tokenize import EncoderTokenizer
 from bertnmt.inference.loading import load_model
 from bertnmt.model.pretrained import PretrainedEncoder, check_tokenizer
 from bertnmt.recipe.pipeline import run

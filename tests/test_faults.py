@@ -8,19 +8,19 @@ import logging
 import math
 import os
 import signal
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
-from bertnmt.train.checkpoint import LAST, load_checkpoint, save_checkpoint, step_checkpoints
 from bertnmt.cli import exit_code
 from bertnmt.core.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
-from bertnmt.data.prepare import PreparedData
 from bertnmt.core.errors import CheckpointError, TrainingError, TrainingInterrupted
-from bertnmt.train.freeze import FreezePolicy
+from bertnmt.data.prepare import PreparedData
 from bertnmt.model.nmt import BertFusedTransformer
+from bertnmt.train.checkpoint import LAST, load_checkpoint, save_checkpoint, step_checkpoints
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert

@@ -10,14 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from bertnmt.core.config import BertConfig, Config, DataConfig, FreezeConfig, FreezeRule, ModelConfig, OptimConfig, TrainerConfig
+from bertnmt.core.config import (
+    BertConfig,
+    Config,
+    DataConfig,
+    FreezeConfig,
+    FreezeRule,
+    ModelConfig,
+    OptimConfig,
+    TrainerConfig,
+)
+from bertnmt.core.errors import ConfigError
 from bertnmt.data.collate import make_loader
 from bertnmt.data.features import estimate_bytes, feature_cache
 from bertnmt.data.prepare import PreparedData
-from bertnmt.core.errors import ConfigError
-from bertnmt.train.freeze import FreezePolicy
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
@@ -227,8 +236,8 @@ def test_a_full_disk_while_building_is_one_line_and_leaves_nothing(bert_path: st
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from bertnmt.data import features
     from bertnmt.core.errors import OutputError
+    from bertnmt.data import features
 
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

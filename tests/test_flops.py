@@ -54,8 +54,8 @@ def test_training_flops_floors_are_ordered() -> None:
 
 
 def test_beam_decode_flops_match_torch(tmp_path: Path) -> None:
-    from bertnmt.experiments.flops import beam_decode_flops
     from bertnmt.decoding.search import DecodeOptions, beam_search
+    from bertnmt.experiments.flops import beam_decode_flops
 
     bert = PretrainedEncoder(BertConfig(path=make_tiny_bert(tmp_path)))
     B, S, E, K, L = 2, 7, 9, 3, 4

@@ -15,14 +15,24 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from bertnmt.core.config import (BertConfig, Config, DataConfig, FreezeConfig, FreezeRule, ModelConfig, OptimConfig,
-                            TrainerConfig, register_configs, to_config)
-from bertnmt.data.prepare import PreparedData
+from bertnmt.core.config import (
+    BertConfig,
+    Config,
+    DataConfig,
+    FreezeConfig,
+    FreezeRule,
+    ModelConfig,
+    OptimConfig,
+    TrainerConfig,
+    register_configs,
+    to_config,
+)
 from bertnmt.core.errors import ConfigError
-from bertnmt.train.freeze import FreezePolicy
-from bertnmt.train.optim import load_optimizer_state, optimizer_state
+from bertnmt.data.prepare import PreparedData
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
+from bertnmt.train.freeze import FreezePolicy
+from bertnmt.train.optim import load_optimizer_state, optimizer_state
 from bertnmt.train.trainer import Trainer, smoothed_loss
 from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert

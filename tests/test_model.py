@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from bertnmt.core.config import BertConfig, ModelConfig
-from bertnmt.model.fusion import seed_drop_net
 from bertnmt.core.errors import ConfigError
 from bertnmt.model import (
     BertFusedTransformer,
@@ -16,6 +15,7 @@ from bertnmt.model import (
     PretrainedEncoder,
     drop_net_weights,
 )
+from bertnmt.model.fusion import seed_drop_net
 
 try:
     from tests.tiny_encoder import make_tiny_bert
@@ -275,8 +275,8 @@ def test_keep_returns_the_logits_of_the_kept_positions() -> None:
 
 
 def test_trainer_precision_selects_autocast_and_rejects_typos() -> None:
-    from bertnmt.data.collate import Batch
     from bertnmt.core.devices import autocast
+    from bertnmt.data.collate import Batch
     from bertnmt.train.trainer import forward_loss
 
     cpu = torch.device("cpu")

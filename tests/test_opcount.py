@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertnmt.experiments.bench import marian_like
 from bertnmt.core.config import Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
-from bertnmt.train.freeze import FreezePolicy
-from bertnmt.model.nmt import BertFusedTransformer
+from bertnmt.experiments.bench import marian_like
 from bertnmt.experiments.opcount import OpCounter, launches_kernel
+from bertnmt.model.nmt import BertFusedTransformer
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.trainer import EpochPosition, Trainer, smoothed_loss
 from fake_data import fake_data
-from test_features import bert_path, build_cache, fused_model, frozen_policy  # noqa: F401  (bert_path: the fixture)
+from test_features import bert_path, build_cache, frozen_policy, fused_model  # noqa: F401  (bert_path: the fixture)
 
 PLAIN = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.1, fused=False)
 FUSED = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.1, drop_net=1.0)

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from bertnmt.core.config import Config, TrainerConfig
-from bertnmt.data.batching import TokenBatchSampler
 from bertnmt.core.errors import ConfigError
+from bertnmt.data.batching import TokenBatchSampler
 from bertnmt.train.rundir import LOCK, find_unfinished, open_run_dir, release, save_config
 from tiny_encoder import make_tiny_bert
 from train_cli import popen_train, run_train

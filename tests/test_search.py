@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from bertnmt.core.config import BertConfig, ModelConfig
+from bertnmt.decoding.search import DecodeOptions, _topk_rows, beam_search, greedy_search
 from bertnmt.model import BertFusedTransformer, PretrainedEncoder
 from bertnmt.model.nmt import EncoderOut
-from bertnmt.decoding.search import DecodeOptions, _topk_rows, beam_search, greedy_search
 
 try:
     from tests.tiny_encoder import make_tiny_bert

@@ -273,7 +273,8 @@ class EarlyStopConfig:
     checkpoint is chosen by the same metric. Read by :func:`bertnmt.train.early_stop.early_stop_epoch`."""
 
     patience: int = 0  # 0 = off: train to trainer.max_epochs
-    metric: Metric = Metric.loss  # loss (validation label-smoothed loss, lower is better) | bleu (greedy validation BLEU)
+    # loss (validation label-smoothed loss, lower is better) | bleu (greedy validation BLEU)
+    metric: Metric = Metric.loss
     min_delta: float = 0.0  # an epoch improves only when it beats the best so far by more than this
 
     def __post_init__(self) -> None:

@@ -43,7 +43,8 @@ class OutputError(BertNMTError):
 # OmegaConf's report of a value outside a Choice's set, rewritten as "key='value' is not one of a, b"
 _CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<names>.*)\]\n\s*full_key: (?P<key>\S+)")
 _COMPOSING = re.compile(r"\w+ raised while composing config:\n")
-_NOISE = ("full_key:", "reference_type=", "object_type=", "See https://", "Set the environment variable HYDRA_FULL_ERROR")
+_NOISE = ("full_key:", "reference_type=", "object_type=", "See https://",
+          "Set the environment variable HYDRA_FULL_ERROR")
 
 
 def one_line(exc: BaseException) -> str:

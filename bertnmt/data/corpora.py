@@ -13,9 +13,9 @@ import os
 import unicodedata
 import urllib.request
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -165,7 +165,8 @@ def fetch(file: RemoteFile, cfg: DataConfig) -> Path:
             with zipfile.ZipFile(io.BytesIO(payload)) as zf:
                 payload = zf.read(file.member)
     except (OSError, zipfile.BadZipFile, KeyError) as e:
-        raise DataError(f"could not download {file.url} ({e}); set data.mirror or {MIRROR_ENV} to a local copy") from None
+        raise DataError(f"could not download {file.url} ({e}); "
+                        f"set data.mirror or {MIRROR_ENV} to a local copy") from None
     actual = hashlib.sha256(payload).hexdigest()
     if actual != file.sha256:
         raise DataError(f"{file.url}: sha256 mismatch, expected {file.sha256}, got {actual}")
@@ -269,7 +270,8 @@ def _read_parallel(src: Path, tgt: Path, scored: bool = False) -> tuple[Pairs, i
         _check_no_gaps(src, tgt, src_lines, tgt_lines)
     pairs, empty = _drop_empty(src_lines, tgt_lines)
     if not pairs[0]:
-        raise DataError(f"{src} and {tgt} hold no sentence pairs ({len(src_lines)} lines, all empty on one side or both)")
+        raise DataError(f"{src} and {tgt} hold no sentence pairs "
+                        f"({len(src_lines)} lines, all empty on one side or both)")
     return pairs, empty
 
 

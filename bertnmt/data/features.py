@@ -233,5 +233,6 @@ def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: 
     try:
         return {name: load_store(folder, name) for name in splits}
     except (OSError, ValueError) as e:
-        log.warning("feature cache: %s is unreadable (%s); H_B is computed on the fly (delete it to rebuild)", folder, e)
+        log.warning("feature cache: %s is unreadable (%s); H_B is computed on the fly (delete it to rebuild)",
+                    folder, e)
         return None

@@ -25,9 +25,9 @@ import numpy as np
 
 from bertnmt.core.atomic import atomic_dir, remove_stale_temps
 from bertnmt.core.config import DataConfig
+from bertnmt.core.errors import ConfigError, DataError
 from bertnmt.data.corpora import SPLITS, corpus_fingerprint, corpus_spec, load_corpus
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab, train_sentencepiece
-from bertnmt.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

@@ -8,21 +8,21 @@ and lets a batch's sentences finish at about the same step. It needs the model, 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from bertnmt.core.config import EvalConfig
+from bertnmt.core.devices import autocast
 from bertnmt.data.collate import collate
 from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import Split
 from bertnmt.data.tokenize import SubwordVocab
-from bertnmt.core.devices import autocast
-from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.decoding.search import DecodeOptions, Hyps, search
+from bertnmt.model.nmt import BertFusedTransformer
 
 __all__ = ["DecodeOptions", "decode_corpus", "decode_split", "head", "length_batches", "options_from_eval"]
 
@@ -53,7 +53,10 @@ def length_batches(src_lens: Sequence[int], enc_lens: Sequence[int] | None, beam
                    max_sents: int = 0) -> list[list[int]]:
     """Sentence indices cut into batches, longest first: ``beam x batch size x its longest source`` (source
     tokens + eos, or encoder tokens where longer) stays within ``max_tokens``; a longer sentence goes alone."""
-    cost = [n + 1 for n in src_lens] if enc_lens is None else [max(n + 1, e) for n, e in zip(src_lens, enc_lens, strict=True)]
+    if enc_lens is None:
+        cost = [n + 1 for n in src_lens]
+    else:
+        cost = [max(n + 1, e) for n, e in zip(src_lens, enc_lens, strict=True)]
     order = sorted(range(len(cost)), key=lambda i: (-cost[i], i))
     batches: list[list[int]] = []
     cur: list[int] = []

@@ -50,7 +50,8 @@ def bleu_tokenizer_for(lang: str) -> str:
             BLEU(tokenize=name).corpus_score(["a"], [["a"]])
             return name
         except (RuntimeError, ImportError, OSError, AssertionError):
-            log.warning("sacreBLEU's %s tokenizer is not installed (pip install sacrebleu[%s]); using 'char'", name, lang)
+            log.warning("sacreBLEU's %s tokenizer is not installed (pip install sacrebleu[%s]); using 'char'",
+                        name, lang)
             return "char"
     return "13a"
 

@@ -24,12 +24,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
-from bertnmt.core.paths import CONF_DIR, PROJECT_ROOT, TRAIN_SCRIPT
 from bertnmt.core.config import Config, plain, register_configs, to_config
 from bertnmt.core.errors import BertNMTError, ConfigError, TrainingError
+from bertnmt.core.paths import CONF_DIR, PROJECT_ROOT, TRAIN_SCRIPT
 from bertnmt.experiments.ablation_report import write_report
 from bertnmt.experiments.convergence_report import write_converged
 from bertnmt.experiments.rows import ROWS, Job, Row, is_finished, plan_jobs, row_dir  # noqa: F401 (ROWS: re-used by callers)
@@ -88,7 +88,8 @@ def compose_rows(rows: Sequence[Row], overrides: Sequence[str] = (), seeds: Sequ
                     raise ConfigError(f"row {row.name} ({CONF_DIR / 'exp' / row.exp}.yaml) with overrides "
                                       f"{list(overrides)}: {first}") from e
                 if cfg.name != row.name:
-                    raise ConfigError(f"{CONF_DIR / 'exp' / row.exp}.yaml: name must be {row.name!r} (it names the row's folder)")
+                    raise ConfigError(f"{CONF_DIR / 'exp' / row.exp}.yaml: name must be {row.name!r} "
+                                      "(it names the row's folder)")
                 cfgs[row.name, seed] = cfg
     return cfgs
 

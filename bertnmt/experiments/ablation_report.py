@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertnmt.experiments.rows import ROWS, Row, is_finished
 from bertnmt.core.atomic import atomic_path, write_text
+from bertnmt.experiments.rows import ROWS, Row, is_finished
 
 REFERENCE = "transformer"  # our deltas are against this row
 
@@ -55,7 +55,8 @@ def _seed_of(path: Path) -> int:
 def read_row(out: Path, row: Row) -> RowResult | None:
     """The finished seeds of one row, or None when none has finished."""
     folder = Path(out) / row.name
-    seeds = sorted((p for p in folder.glob("seed*") if p.name[4:].lstrip("-").isdigit() and is_finished(p)), key=_seed_of)
+    seeds = sorted((p for p in folder.glob("seed*") if p.name[4:].lstrip("-").isdigit() and is_finished(p)),
+                   key=_seed_of)
     if not seeds:
         return None
     res = RowResult(row)
@@ -123,7 +124,8 @@ def table_markdown(results: list[RowResult]) -> str:
                   if r.trainable_params is not None and r.total_params is not None else "–")
         lines.append(
             f"| {r.row.label} | `{r.row.exp}` | {r.start} | {r.epochs} | {_bleu_cell(r)} | {_fmt(d[r.row.name], True)} "
-            f"| {_fmt(r.row.paper_bleu)} | {_fmt(r.row.paper_delta, True)} | {_fmt(epoch).replace('–', 'n/a')} | {params} |"
+            f"| {_fmt(r.row.paper_bleu)} | {_fmt(r.row.paper_delta, True)} | {_fmt(epoch).replace('–', 'n/a')} "
+            f"| {params} |"
         )
     return "\n".join(lines)
 
@@ -137,7 +139,8 @@ def plot_deltas(results: list[RowResult], path: Path) -> Path | None:
     from matplotlib.figure import Figure
 
     d = deltas(results)
-    rows = [r for r in results if r.row.name != REFERENCE and (d[r.row.name] is not None or r.row.paper_delta is not None)]
+    rows = [r for r in results
+            if r.row.name != REFERENCE and (d[r.row.name] is not None or r.row.paper_delta is not None)]
     if not rows:
         return None
     n = len(rows)
@@ -176,7 +179,8 @@ def _setup(results: list[RowResult]) -> list[str]:
     if (run / "config.yaml").is_file():
         c: Any = OmegaConf.load(run / "config.yaml")
         lines.append(f"- data: `{c.data.corpus}` {c.data.src_lang}→{c.data.tgt_lang}, model `{c.model.name}` "
-                     f"(d {c.model.d_model}, {c.model.enc_layers}+{c.model.dec_layers} layers), encoder `{c.bert.path}`")
+                     f"(d {c.model.d_model}, {c.model.enc_layers}+{c.model.dec_layers} layers), "
+                     f"encoder `{c.bert.path}`")
         lines.append(f"- budget: baseline {c.warm_start.max_epochs} epoch(s) (`warm_start.max_epochs`), own stage "
                      f"{c.trainer.max_epochs} epoch(s) (`trainer.max_epochs`"
                      + (f", at most {c.trainer.max_steps} updates" if c.trainer.max_steps else "")

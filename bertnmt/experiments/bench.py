@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from bertnmt.core.paths import CONF_DIR, PROJECT_ROOT
 from bertnmt.core.devices import autocast, peak_memory_mb
+from bertnmt.core.paths import CONF_DIR, PROJECT_ROOT
 
 TRAIN_VARIANTS = ["plain", "fused_cached", "fused_live", "fused_finetune", "marian", "plain_bf16"]
 DECODE_VARIANTS = ["decode_plain", "decode_fused_cached", "decode_fused", "decode_marian"]
@@ -94,10 +94,10 @@ def _setup(spec: BenchSpec, variant: str):
     from bertnmt.data.features import feature_cache
     from bertnmt.data.prepare import add_encoder_view, prepare_data
     from bertnmt.data.tokenize import EncoderTokenizer
-    from bertnmt.train.freeze import FreezePolicy
+    from bertnmt.model.build import weights_sha256
     from bertnmt.model.nmt import BertFusedTransformer
     from bertnmt.model.pretrained import PretrainedEncoder
-    from bertnmt.model.build import weights_sha256
+    from bertnmt.train.freeze import FreezePolicy
 
     cfg = compose_cfg(spec)
     device = torch.device(spec.device)
@@ -498,7 +498,8 @@ def decode_floors(spec: BenchSpec, cfg, dec: dict[str, dict[str, Any]]) -> dict[
     live = cached + sum(encoder_forward_flops(dims, B, E) for B, _, _, E in shapes)
     if not plain:
         return {}
-    return {"decode_plain": 1.0, "decode_marian": 1.0, "decode_fused_cached": cached / plain, "decode_fused": live / plain}
+    return {"decode_plain": 1.0, "decode_marian": 1.0, "decode_fused_cached": cached / plain,
+            "decode_fused": live / plain}
 
 
 def device_name(spec: BenchSpec) -> str:
@@ -518,7 +519,8 @@ def device_name(spec: BenchSpec) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f, default in asdict(BenchSpec()).items():
         flag = "--" + f.replace("_", "-")
         if isinstance(default, bool):

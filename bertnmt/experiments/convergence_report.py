@@ -13,9 +13,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bertnmt.experiments.rows import ROW_BY_NAME, ROWS
-from bertnmt.experiments.ablation_report import REFERENCE, RowResult, read_row
 from bertnmt.decoding.significance import compare_files
+from bertnmt.experiments.ablation_report import REFERENCE, RowResult, read_row
+from bertnmt.experiments.rows import ROW_BY_NAME, ROWS
 
 START, END = "<!-- converged-table:start -->", "<!-- converged-table:end -->"
 START_LABEL = {"baseline": "warm start", "continued": "continued", "scratch": "scratch"}

@@ -68,7 +68,8 @@ class StepFlops:
                 "fused_finetune": self.fused_finetune / self.plain}
 
 
-def training_flops(cfg: ModelConfig, vocab: int, shapes: list[tuple[int, int, int, int]], dims: EncoderDims) -> StepFlops:
+def training_flops(cfg: ModelConfig, vocab: int, shapes: list[tuple[int, int, int, int]],
+                   dims: EncoderDims) -> StepFlops:
     """Summed over batches of shapes (B, S, T, E)."""
     plain = fused = bert = 0
     for B, S, T, E in shapes:

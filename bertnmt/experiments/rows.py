@@ -5,9 +5,9 @@ Each row is an experiment config, ``conf/exp/ablation/<name>.yaml``; a run of a 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 
 from bertnmt.core.errors import ConfigError
 

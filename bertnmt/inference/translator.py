@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from bertnmt.core.config import Config
+from bertnmt.core.devices import pick_device
+from bertnmt.core.errors import ConfigError
 from bertnmt.data.corpora import normalise
 from bertnmt.data.prepare import Split
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
 from bertnmt.decoding.loop import DecodeOptions, decode_corpus, decode_split, options_from_eval
-from bertnmt.core.devices import pick_device
-from bertnmt.core.errors import ConfigError
 from bertnmt.model.nmt import BertFusedTransformer
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ class Translator:
 
     def __repr__(self) -> str:
         enc = self.cfg.bert.path if self.model.bert is not None else "none"
-        return f"Translator({self.source or 'in memory'}, model={self.cfg.model.name}, encoder={enc}, device={self.device})"
+        return (f"Translator({self.source or 'in memory'}, model={self.cfg.model.name}, encoder={enc}, "
+                f"device={self.device})")
 
     @property
     def enc_pad_id(self) -> int | None:
@@ -62,7 +63,8 @@ class Translator:
         if self.enc_pad_id is not None:
             ids, n_cut = self.tokenizer.encode_batch(texts)
             if n_cut:
-                log.warning("%d sentences were truncated to the encoder's max_length=%d", n_cut, self.tokenizer.max_length)
+                log.warning("%d sentences were truncated to the encoder's max_length=%d",
+                            n_cut, self.tokenizer.max_length)
             enc_ids = [np.asarray(seq, dtype=np.int32) for seq in ids]
         empty = [np.zeros(0, dtype=np.int32)] * len(texts)
         return Split("input", texts, [""] * len(texts), src_ids, empty, enc_ids)

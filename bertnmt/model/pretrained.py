@@ -16,7 +16,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from torch import Tensor, nn
 
@@ -186,8 +185,8 @@ class PretrainedEncoder(nn.Module):
         """Every hidden state, stacked: (n_states, B, E, hidden_size) (embeddings first)."""
         ctx = torch.no_grad() if self.frozen else contextlib.nullcontext()
         with ctx:
-            out = self.model(input_ids=enc_ids, attention_mask=self._attention_mask(enc_mask), output_hidden_states=True,
-                             return_dict=True)
+            out = self.model(input_ids=enc_ids, attention_mask=self._attention_mask(enc_mask),
+                             output_hidden_states=True, return_dict=True)
             return torch.stack(out.hidden_states)  # (L+1, B, E, H)
 
     def _attention_mask(self, enc_mask: Tensor) -> Tensor:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from bertnmt.core.errors import CheckpointError
+from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def last_checkpoints(folder: str | Path, n: int) -> list[Path]:
     ordered = [p for _, p in sorted(by_step.values())]
     if len(ordered) < n:
         steps = ", ".join(str(s) for s in sorted(by_step)) or "none"
-        raise CheckpointError(f"{folder} has {len(ordered)} checkpoints of distinct steps ({steps}); asked for the last {n}")
+        raise CheckpointError(f"{folder} has {len(ordered)} checkpoints of distinct steps ({steps}); "
+                              f"asked for the last {n}")
     return ordered[-n:]
 
 
@@ -115,7 +116,8 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
                 raise CheckpointError(f"{path} holds other tensors than {paths[0]} (e.g. {diff[0]})")
             for k, v in weights.items():
                 if v.shape != first[k].shape:
-                    raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, {paths[0]} has {tuple(first[k].shape)}")
+                    raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, "
+                                          f"{paths[0]} has {tuple(first[k].shape)}")
                 if k in sums:
                     sums[k] += v.to(torch.float64)
                 elif not torch.equal(v, first[k]):

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bertnmt.train import distributed
 from bertnmt.core.atomic import DISK_FULL, atomic_path, copy_file, is_temp
 from bertnmt.core.errors import CheckpointError
 from bertnmt.model.fusion import drop_net_generator
+from bertnmt.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if unsafe:
             raise CheckpointError(f"checkpoint {path} holds a pickled Python object ({unsafe[1]}), not only tensors "
                                   "and plain values; refusing to load it (weights_only=True)") from None
-        raise CheckpointError(f"checkpoint {path} cannot be read: truncated or corrupt (not a torch.save file)") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: truncated or corrupt "
+                              "(not a torch.save file)") from None
     except Exception as e:  # torch raises many types for truncated/corrupt files
         first = str(e).splitlines()[0].split(". ")[0][:100] if str(e) else ""
-        raise CheckpointError(f"checkpoint {path} cannot be read: truncated or corrupt ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: truncated or corrupt "
+                              f"({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a bertnmt checkpoint")
     version = ckpt.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {version}; this bertnmt reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"checkpoint {path} has format version {version}; "
+                              f"this bertnmt reads version {FORMAT_VERSION}")
     return ckpt
 
 
@@ -165,7 +168,8 @@ def latest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
 
 # -- random number generators -----------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """Every RNG's state (torch, CUDA, numpy, Python's ``random``) as tensors and plain values (``weights_only``-safe)."""
+    """Every RNG's state (torch, CUDA, numpy, Python's ``random``) as tensors and plain values
+    (``weights_only``-safe)."""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -242,8 +246,8 @@ def warm_start(model: nn.Module, path: str | Path, vocab_sha256: str) -> list[st
     for k, v in ckpt["model"].items():
         if k in ours and ours[k].shape != v.shape:
             raise CheckpointError(
-                f"warm-start checkpoint {path}: {k} has shape {tuple(v.shape)} but the model expects {tuple(ours[k].shape)} "
-                "(other vocabulary or dimensions)"
+                f"warm-start checkpoint {path}: {k} has shape {tuple(v.shape)} but the model expects "
+                f"{tuple(ours[k].shape)} (other vocabulary or dimensions)"
             )
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if unexpected:

@@ -98,9 +98,11 @@ def setup(device: str = "auto", timeout_min: int = 60) -> bool:
                         ("cpu" if device == "auto" else device))
     if want.type == "cuda":
         if want.index is not None:
-            raise ConfigError(f"trainer.device={device!r}: under torchrun each rank uses cuda:LOCAL_RANK; use cuda or auto")
+            raise ConfigError(f"trainer.device={device!r}: under torchrun each rank uses cuda:LOCAL_RANK; "
+                              "use cuda or auto")
         if local_rank() >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={local_rank()} but only {torch.cuda.device_count()} CUDA devices are visible")
+            raise ConfigError(f"LOCAL_RANK={local_rank()} but only {torch.cuda.device_count()} "
+                              "CUDA devices are visible")
         torch.cuda.set_device(local_rank())  # torch.device("cuda") now means this rank's GPU
     backend = "nccl" if want.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_min))
@@ -215,7 +217,8 @@ def shard(sampler: Any) -> None:
 
 
 def drops_branches(model: nn.Module) -> bool:
-    """Whether a training forward can skip a branch (drop-net > 0 in a fused layer): its parameters then get no gradient."""
+    """Whether a training forward can skip a branch (drop-net > 0 in a fused layer): its parameters then
+    get no gradient."""
     return any(getattr(m, "bert_attn", None) is not None and getattr(m, "drop_net", 0.0) > 0 for m in model.modules())
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -94,7 +94,8 @@ class FreezePolicy:
             self.bind(model)
 
     def state_at(self, pos: int) -> tuple[dict[str, bool], dict[str, float]]:
-        """(trainable, lr multiplier) of every parameter at ``pos``; the last active trainable rule sets the multiplier."""
+        """(trainable, lr multiplier) of every parameter at ``pos``; the last active trainable rule sets
+        the multiplier."""
         active = [r.active(pos) for r in self.rules]
         trainable, mult = {}, {}
         for n, idx in self._matches.items():

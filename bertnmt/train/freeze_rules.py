@@ -228,7 +228,8 @@ class NameIndex:
             return [n for n, k in self.layer.items() if k is None]
         m = re.fullmatch(r"bert\.layer\.(-?\d+)", g)
         if m is None:
-            raise ConfigError(f"{rule.key()}: unknown parameter group {g!r} ({known_groups(tuple(self.group.values()))})")
+            known = known_groups(tuple(self.group.values()))
+            raise ConfigError(f"{rule.key()}: unknown parameter group {g!r} ({known})")
         k, n_layers = int(m.group(1)), self.n_layers
         if not self.layer:
             return []

@@ -5,8 +5,8 @@ invocation (``runs/<name>/<date>``). With ``trainer.resume=auto`` (the default),
 looks for the newest *unfinished* run of the same experiment — the folder itself or a sibling
 holding a ``config.yaml`` equal to this one (``output_dir`` and ``trainer.resume`` aside) and no
 ``summary.json`` — and continues in that folder; the fresh folder Hydra just made is removed (unless
-another process started in it too) and its log file moves along. ``trainer.resume=never`` always starts afresh; a checkpoint path resumes
-that checkpoint's stage from it, in the new folder.
+another process started in it too) and its log file moves along. ``trainer.resume=never`` always
+starts afresh; a checkpoint path resumes that checkpoint's stage from it, in the new folder.
 
 A finished stage leaves ``stage_<stage>.json`` (its summary) and is never trained again in that folder.
 """
@@ -98,7 +98,8 @@ def holder(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _busy(run_dir: Path, pid: Any) -> ConfigError:
-    return ConfigError(f"output folder {run_dir} is in use by process {pid}; wait for it or choose another hydra.run.dir")
+    return ConfigError(f"output folder {run_dir} is in use by process {pid}; "
+                       "wait for it or choose another hydra.run.dir")
 
 
 def _check_free(run_dir: Path) -> None:
