@@ -47,8 +47,9 @@ def test_registry_matches_the_config_files() -> None:
     assert files == set(ROW_BY_NAME)
     assert ROWS[0].name == "transformer" and ROW_BY_NAME["fused"].paper_delta == pytest.approx(1.88)
     # the table: every row with its paper BLEU
-    paper = {"transformer": 28.57, "fused": 30.45, "no_warm_start": 27.03, "finetune": 28.87, "bert_init_encoder": 27.14,
-             "feature_based": 29.67, "no_enc_bert_attn": 29.87, "no_dec_bert_attn": 29.90, "stacked": 29.35,
+    paper = {"transformer": 28.57, "fused": 30.45, "no_warm_start": 27.03, "finetune": 28.87,
+             "bert_init_encoder": 27.14, "feature_based": 29.67, "no_enc_bert_attn": 29.87, "no_dec_bert_attn": 29.90,
+             "stacked": 29.35,
              "transformer_12l": 29.27, "transformer_18l": 28.92}
     assert {r.name: r.paper_bleu for r in ROWS if r.paper_bleu is not None} == paper
     names = set(ROW_BY_NAME)
@@ -91,7 +92,8 @@ CHECKS = {
     "feature_based": lambda m, c: m.bert_proj is not None and not _fused_layers(m.encoder) + _fused_layers(m.decoder),
     "no_enc_bert_attn": lambda m, c: _fused_layers(m.encoder) == [] and _fused_layers(m.decoder) == [0, 1],
     "no_dec_bert_attn": lambda m, c: _fused_layers(m.encoder) == [0, 1] and _fused_layers(m.decoder) == [],
-    "stacked": lambda m, c: all(layer.stacked for layer in m.encoder.layers) and m.decoder.layers[1].bert_attn_ln is not None,
+    "stacked": lambda m, c: (all(layer.stacked for layer in m.encoder.layers)
+                             and m.decoder.layers[1].bert_attn_ln is not None),
     "transformer_12l": lambda m, c: m.bert is None and len(m.encoder.layers) == 12,
     "transformer_18l": lambda m, c: m.bert is None and len(m.encoder.layers) == 18,
     "layer_mix": lambda m, c: m.bert_mix is not None and m.bert_mix.weights.numel() == 7,  # embeddings + 6 blocks
@@ -129,7 +131,8 @@ def test_every_row_builds_its_model(row, tiny_bert6) -> None:
 
 def test_warm_started_rows_share_one_baseline() -> None:
     data = SimpleNamespace(key="datakey", vocab=SimpleNamespace(sha256="vocabsha"))
-    cfgs = {name: c for (name, _), c in compose_rows(ROWS, ["model=tiny", "warm_start.max_epochs=1", "optim=paper"]).items()}
+    composed = compose_rows(ROWS, ["model=tiny", "warm_start.max_epochs=1", "optim=paper"])
+    cfgs = {name: c for (name, _), c in composed.items()}
     check_shared_baseline(cfgs)
     keys = {baseline_key(c, data) for c in cfgs.values() if c.warm_start.auto}
     assert len(keys) == 1 and sum(c.warm_start.auto for c in cfgs.values()) == 21
@@ -141,7 +144,8 @@ def test_warm_started_rows_share_one_baseline() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         main_job = to_config(compose(config_name="config", overrides=["+exp=frozen_bert"]))
     assert baseline_key(main_job, data) == baseline_key(compose_row(ROW_BY_NAME["fused"]), data)
-    bad = {"fused": compose_row(ROW_BY_NAME["fused"]), "stacked": compose_row(ROW_BY_NAME["stacked"], ["model.d_model=64"])}
+    bad = {"fused": compose_row(ROW_BY_NAME["fused"]),
+           "stacked": compose_row(ROW_BY_NAME["stacked"], ["model.d_model=64"])}
     with pytest.raises(ConfigError, match="different warm-start baselines"):
         check_shared_baseline(bad)
 
@@ -169,7 +173,8 @@ def test_row_selection_seeds_and_overrides() -> None:
 def test_scratch_budget_is_baseline_plus_own_stage() -> None:
     split = SimpleNamespace(src_ids=[[5] * 4] * 10, tgt_ids=[[5] * 4] * 10, enc_ids=None)
     data = SimpleNamespace(splits={"train": split})
-    cfg = compose_row(ROW_BY_NAME["no_warm_start"], ["warm_start.max_epochs=3", "trainer.max_epochs=2", "data.max_tokens=10"])
+    cfg = compose_row(ROW_BY_NAME["no_warm_start"],
+                      ["warm_start.max_epochs=3", "trainer.max_epochs=2", "data.max_tokens=10"])
     t = scratch_trainer(cfg, data)
     assert (t.max_epochs, t.max_steps) == (5, 0)
     # 10 sentences of width 5, 10 tokens a batch: 5 updates an epoch; the fused stage capped at 4 updates
@@ -265,8 +270,8 @@ def test_toy_table_runs_every_row_through_multirun_and_resumes(tmp_path: Path, t
     for p, t in stamps.items():
         if p.parts[-3] != "stacked":
             assert p.stat().st_mtime_ns == t, p
-    assert re.search(r"\| stacked instead of averaged attentions \| `ablation/stacked` \| warm start \| 1\+1 \| \d+\.\d\d \|",
-                     (out / "ablations.md").read_text())
+    assert re.search(r"\| stacked instead of averaged attentions \| `ablation/stacked` \| warm start \| 1\+1 "
+                     r"\| \d+\.\d\d \|", (out / "ablations.md").read_text())
 
 
 # -- the converged sweep ------------------------------------------------------------------------
@@ -415,7 +420,8 @@ def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Pat
         run_ablation(out, rows, overrides, launcher="inprocess", converge=True)
     assert killed and (row_dir(out, "transformer", 1) / "summary.json").is_file()
     fused_dir = row_dir(out, "fused", 1)
-    assert not (fused_dir / "summary.json").exists() and any((fused_dir / "checkpoints" / "fused").glob("checkpoint_*.pt"))
+    assert not (fused_dir / "summary.json").exists()
+    assert any((fused_dir / "checkpoints" / "fused").glob("checkpoint_*.pt"))
     assert not row_dir(out, "transformer", 2).exists()
     done = (row_dir(out, "transformer", 1) / "summary.json").stat().st_mtime_ns
 
@@ -434,7 +440,8 @@ def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Pat
     assert summary["fused"]["epochs"] == 2 and "reused_from" in summary["baseline"]
     table = (out / "converged.md").read_text()
     assert "All runs finished." in table and "| 2/2 (s1, s2) |" in table and "1/2 cap" not in table
-    assert re.search(r"\| 1/1 \(s1\) \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \| \+1\.88 \| 1/2 \| 0\.\d{3} \(s1\) \|", table)
+    assert re.search(r"\| 1/1 \(s1\) \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \| \+1\.88 \| 1/2 "
+                     r"\| 0\.\d{3} \(s1\) \|", table)
     assert md.name == "ablations.md"
 
 

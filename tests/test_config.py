@@ -202,7 +202,8 @@ def test_choices_round_trip_through_yaml_json_and_checkpoints(tmp_path: Path) ->
     assert to_config(OmegaConf.create(yaml)) == cfg
     container = to_plain_container(cfg)
     words = [container["freeze"]["policy"], container["model"]["bert_input"], container["bert"]["cache_features"],
-             container["trainer"]["early_stop"]["metric"], container["trainer"]["precision"], plain(cfg.model)["bert_input"]]
+             container["trainer"]["early_stop"]["metric"], container["trainer"]["precision"],
+             plain(cfg.model)["bert_input"]]
     assert words == ["gradual", "embedding", "off", "bleu", "fp32", "embedding"]
     assert all(type(w) is str for w in words)  # plain words, not enum members
     assert to_config(json.loads(json.dumps(container))) == cfg
@@ -215,7 +216,8 @@ def test_choices_round_trip_through_yaml_json_and_checkpoints(tmp_path: Path) ->
 def test_a_checkpoint_config_of_plain_strings_still_loads() -> None:
     old = {"model": {"fusion_combine": "stacked", "bert_input": "fused"}, "bert": {"features": "random"},
            "freeze": {"policy": "unfreeze_after", "unit": "step", "unfreeze_at": 3},
-           "trainer": {"precision": "bf16", "early_stop": {"metric": "bleu"}}, "warm_start": {"scratch_budget": "total"}}
+           "trainer": {"precision": "bf16", "early_stop": {"metric": "bleu"}},
+           "warm_start": {"scratch_budget": "total"}}
     cfg = to_config(old)
     assert (cfg.model.fusion_combine, cfg.bert.features, cfg.freeze.policy, cfg.freeze.unit) == \
         (FusionCombine.stacked, Features.random, Policy.unfreeze_after, Unit.step)

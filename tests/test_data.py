@@ -91,7 +91,8 @@ def test_multi30k_counts_roundtrip_and_cache(m30k, caplog):
     assert "loaded prepared data from" in caplog.text
     assert again.key == data.key and again.dir == data.dir and model.stat().st_mtime_ns == mtime
     assert again.splits["valid"].tgt_text == data.splits["valid"].tgt_text
-    assert all(np.array_equal(a, b) for a, b in zip(again.splits["test"].src_ids, data.splits["test"].src_ids, strict=True))
+    assert all(np.array_equal(a, b)
+               for a, b in zip(again.splits["test"].src_ids, data.splits["test"].src_ids, strict=True))
     assert prepare_data(m30k_cfg(cfg.cache_dir, max_len=64)).key != data.key  # settings change the key
 
 

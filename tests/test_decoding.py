@@ -68,9 +68,11 @@ def test_check_every_k_steps_equals_checking_every_step(beam):
     src, enc_ids, enc_mask = batch(sents)[0], None, None
     ref = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=beam, nbest=beam, max_len_b=6, check_every=1))
     limits = max_lengths(src, DecodeOptions(max_len_b=6)).tolist()
-    assert any(len(nb[0][0]) < n for nb, n in zip(ref, limits, strict=True))  # some sentences end before their max length
+    # some sentences end before their max length
+    assert any(len(nb[0][0]) < n for nb, n in zip(ref, limits, strict=True))
     for k in (3, 8, 100):
-        got = beam_search(model, src, enc_ids, enc_mask, DecodeOptions(beam=beam, nbest=beam, max_len_b=6, check_every=k))
+        opts = DecodeOptions(beam=beam, nbest=beam, max_len_b=6, check_every=k)
+        got = beam_search(model, src, enc_ids, enc_mask, opts)
         for a, b in zip(ref, got, strict=True):
             assert [t for t, _ in a] == [t for t, _ in b]
             assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)

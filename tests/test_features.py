@@ -91,7 +91,8 @@ def test_cached_features_equal_the_live_encoder(bert_path: str, tmp_path: Path) 
     # the batch carries the padded features next to the encoder ids
     loader = make_loader(train, max_tokens=100, seed=1, shuffle=True, enc_pad_id=0, features=stores["train"])
     b = next(iter(loader))
-    assert b.bert_feats is not None and b.bert_feats.shape == (*b.enc_ids.shape, 32) and b.bert_feats.dtype == torch.float16
+    assert b.bert_feats is not None
+    assert b.bert_feats.shape == (*b.enc_ids.shape, 32) and b.bert_feats.dtype == torch.float16
     assert torch.all(b.bert_feats[b.enc_mask.eq(0)] == 0)
     assert torch.equal(b.bert_feats[0, : int(b.enc_mask[0].sum())].float(),
                        torch.from_numpy(stores["train"].get(int(b.indices[0])).astype(np.float32)))
@@ -129,7 +130,8 @@ def test_encoder_untrained_follows_the_schedule(bert_path: str) -> None:
         "unfreeze_after": (FreezeConfig(policy="unfreeze_after", unfreeze_at=2), [True, False, False]),
         # trains in epoch 2 only: frozen again in epoch 3, but its features changed for good
         "window": (FreezeConfig(policy="rules", rules=[
-            FreezeRule(match="group:bert", frozen=True, end=2), FreezeRule(match="group:bert", frozen=False, start=2, end=3),
+            FreezeRule(match="group:bert", frozen=True, end=2),
+            FreezeRule(match="group:bert", frozen=False, start=2, end=3),
             FreezeRule(match="group:bert", frozen=True, start=3)]), [True, False, False]),
     }
     for name, (cfg, expected) in cases.items():
@@ -148,8 +150,8 @@ def make_trainer(bert_path: str, data: PreparedData, freeze: FreezeConfig, run_d
     stores = build_cache(model, data, policy) if cached else None
     cfg = Config(model=TINY, freeze=freeze, optim=OptimConfig(lr=1e-3, warmup_steps=3),
                  data=DataConfig(max_tokens=100, pad_multiple=pad_multiple),
-                 trainer=TrainerConfig(max_epochs=epochs, device="cpu", valid_bleu=False, tensorboard=False, progress=False,
-                                       compile=compile))
+                 trainer=TrainerConfig(max_epochs=epochs, device="cpu", valid_bleu=False, tensorboard=False,
+                                       progress=False, compile=compile))
     torch.manual_seed(123)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, model, data, policy, run_dir, "fused", {}, enc_pad_id=0, features=stores)
@@ -168,9 +170,10 @@ def make_trainer(bert_path: str, data: PreparedData, freeze: FreezeConfig, run_d
 
 def test_cached_and_live_training_give_the_same_losses(bert_path: str, tmp_path: Path) -> None:
     data = fake_data(tmp_path / "data")
-    live, live_losses, live_calls = make_trainer(bert_path, data, FreezeConfig(policy="frozen"), tmp_path / "a", 2, False)
+    frozen = FreezeConfig(policy="frozen")
+    live, live_losses, live_calls = make_trainer(bert_path, data, frozen, tmp_path / "a", 2, False)
     live.fit()  # each trainer seeds the global RNG (dropout, drop-net) when built: build, then fit
-    cached, cached_losses, cached_calls = make_trainer(bert_path, data, FreezeConfig(policy="frozen"), tmp_path / "b", 2, True)
+    cached, cached_losses, cached_calls = make_trainer(bert_path, data, frozen, tmp_path / "b", 2, True)
     cached.fit()
     assert live_calls.n > 0 and cached_calls.n == 0  # the cached run never runs the encoder
     assert len(live_losses) == len(cached_losses) > 4

@@ -1,5 +1,5 @@
-"""The Trainer's update at the ATen level (bertnmt.experiments.opcount): no op that makes the host wait for the device, and
-fewer kernel-launching ops than Hugging Face's MarianMTModel of the same size with a one-group AdamW."""
+"""The Trainer's update at the ATen level (bertnmt.experiments.opcount): no op that makes the host wait for the
+device, and fewer kernel-launching ops than Hugging Face's MarianMTModel of the same size with a one-group AdamW."""
 from __future__ import annotations
 
 import tempfile
@@ -24,7 +24,8 @@ FUSED = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2,
 def trainer_cfg(model: ModelConfig, freeze: FreezeConfig, clip: float = 0.0) -> Config:
     return Config(model=model, freeze=freeze, optim=OptimConfig(lr=1e-3, warmup_steps=3, clip_norm=clip),
                   data=DataConfig(max_tokens=200),
-                  trainer=TrainerConfig(max_epochs=1, device="cpu", valid_bleu=False, tensorboard=False, progress=False))
+                  trainer=TrainerConfig(max_epochs=1, device="cpu", valid_bleu=False, tensorboard=False,
+                                        progress=False))
 
 
 def counted_update(trainer: Trainer) -> tuple[OpCounter, Trainer]:
@@ -132,7 +133,8 @@ def test_bucket_padding_gives_few_shapes_and_the_same_loss() -> None:
     from bertnmt.train.trainer import forward_loss, resolve_pad_multiple
 
     assert resolve_pad_multiple(0, torch.device("cpu"), False) == 1
-    assert resolve_pad_multiple(0, torch.device("cuda"), False) == resolve_pad_multiple(0, torch.device("cpu"), True) == 8
+    assert resolve_pad_multiple(0, torch.device("cuda"), False) == 8
+    assert resolve_pad_multiple(0, torch.device("cpu"), True) == 8
     torch.manual_seed(0)
     model = BertFusedTransformer(PLAIN, 50, 0, None).eval()
     data = fake_data(60, max_len=9, with_encoder=False)
