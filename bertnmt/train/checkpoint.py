@@ -20,6 +20,7 @@ import logging
 import pickle
 import random
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,26 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 
     On any failure the temp file is removed and ``path`` keeps its previous content; a full disk
     or another OS error is a :class:`CheckpointError`. Under torchrun only rank 0 writes; on the
-    other ranks this does nothing.
+    other ranks this does nothing. Enum members (config choices) are stored as their values, since
+    ``weights_only`` loading refuses enum objects.
     """
     if not distributed.is_main():
         return
     with atomic_path(path, _write_error) as tmp:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
+        torch.save({"format_version": FORMAT_VERSION, **_enum_values(payload)}, tmp)
+
+
+def _enum_values(obj: Any) -> Any:
+    """``obj`` with every Enum member inside dicts, lists and tuples replaced by its value."""
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _enum_values(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_enum_values(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_enum_values(v) for v in obj)
+    return obj
 
 
 def link_checkpoint(src: Path, dst: Path) -> None:
