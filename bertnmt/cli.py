@@ -13,11 +13,13 @@ import errno
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bertnmt.core.atomic import check_writable
 from bertnmt.core.errors import BertNMTError, ConfigError, TrainingInterrupted, one_line
+
 
 def _schema_node(schema: Any, key: str) -> str | None:
     """Why ``key`` is not a key of the schema (a sentence), or None when it is one.
@@ -28,7 +30,8 @@ def _schema_node(schema: Any, key: str) -> str | None:
 
     node, path = schema, []
     for part in key.split("."):
-        if isinstance(node, ListConfig) or (isinstance(node, DictConfig) and node._metadata.object_type in (None, dict)):
+        free = isinstance(node, DictConfig) and node._metadata.object_type in (None, dict)
+        if isinstance(node, ListConfig) or free:
             return None
         if not isinstance(node, DictConfig) or part not in node:
             where = ".".join(path) or "the config"

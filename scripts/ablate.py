@@ -14,9 +14,9 @@ import argparse
 import logging
 import sys
 
+from bertnmt.core.errors import BertNMTError, ConfigError, TrainingInterrupted
 from bertnmt.experiments.ablation import LAUNCHERS, run_ablation, write_reports
 from bertnmt.experiments.rows import ROWS, parse_seeds, plan_jobs
-from bertnmt.core.errors import BertNMTError, ConfigError, TrainingInterrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=None,
                    help=f"comma-separated rows or ROW@SEED (default: all): {', '.join(r.name for r in ROWS)}")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (mean and spread); default: the config's")
-    p.add_argument("--out", default=None, help="the ablation folder (default: runs/ablations, with --converge runs/converged)")
+    p.add_argument("--out", default=None,
+                   help="the ablation folder (default: runs/ablations, with --converge runs/converged)")
     p.add_argument("--launcher", default="multirun", choices=LAUNCHERS, help="multirun (default) or inprocess")
     p.add_argument("--converge", action="store_true",
                    help="train each row to convergence (early stopping; trainer=converge) and write converged.md")

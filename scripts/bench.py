@@ -1,4 +1,5 @@
-"""Speed and memory, side by side: ``python scripts/bench.py`` (see bertnmt/experiments/bench.py and docs/benchmarks.md)."""
+"""Speed and memory, side by side: ``python scripts/bench.py``
+(see bertnmt/experiments/bench.py and docs/benchmarks.md)."""
 import sys
 from pathlib import Path
 

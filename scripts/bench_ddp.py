@@ -1,4 +1,5 @@
-"""One process against two on the CPU: ``python scripts/bench_ddp.py`` (see bertnmt/experiments/bench_ddp.py, docs/benchmarks.md)."""
+"""One process against two on the CPU: ``python scripts/bench_ddp.py``
+(see bertnmt/experiments/bench_ddp.py, docs/benchmarks.md)."""
 import sys
 from pathlib import Path
 

@@ -17,7 +17,8 @@ from bertnmt.cli import tool_exit_code
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run directory or a checkpoint (.pt)")
-    p.add_argument("out", help="the folder to write: new, empty, or an earlier export (replaced; other files in it are kept)")
+    p.add_argument("out",
+                   help="the folder to write: new, empty, or an earlier export (replaced; other files in it are kept)")
     p.add_argument("--vocab", help="the SentencePiece model, when a checkpoint's own cannot be found")
     p.add_argument("--config", help="the run's config.yaml, for a checkpoint that carries none (older runs)")
     args = p.parse_args(argv)

@@ -13,10 +13,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bertnmt.train import distributed
 from bertnmt.cli import check_command_line, exit_code
 from bertnmt.core.config import register_configs, to_config
 from bertnmt.core.paths import CONF_DIR
+from bertnmt.train import distributed
 
 register_configs()
 

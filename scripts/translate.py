@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 from bertnmt.cli import tool_exit_code
 from bertnmt.core.errors import DataError
@@ -78,7 +78,8 @@ def translate(args: argparse.Namespace) -> None:
     beam = tr.check_beam(args.beam, args.nbest)  # a bad --beam / --nbest fails before any input is read
 
     def emit(first: int, batch: list[str]) -> None:
-        for k, (src, hyps) in enumerate(zip(batch, tr.translate_nbest(batch, beam, args.nbest, args.lenpen))):
+        found = tr.translate_nbest(batch, beam, args.nbest, args.lenpen)
+        for k, (src, hyps) in enumerate(zip(batch, found, strict=True)):
             print("\n".join(format_hypotheses(first + k, src, hyps, fmt)), flush=True)
 
     if sources is None and sys.stdin.isatty():  # interactive: one line at a time

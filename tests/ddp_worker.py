@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from bertnmt.train import distributed
 from bertnmt.core.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
 from bertnmt.data.prepare import PreparedData
-from bertnmt.train.freeze import FreezePolicy
 from bertnmt.model.fusion import DropNet
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
+from bertnmt.train import distributed
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 
@@ -29,9 +29,11 @@ SCENARIOS: dict[str, tuple[dict[str, Any], FreezeConfig, int, int]] = {
     # equivalence: no dropout, no drop-net; the encoder stays frozen
     "frozen": ({"dropout": 0.0, "drop_net": 0.0}, FreezeConfig(policy="frozen"), 3, 1),
     # equivalence across an unfreeze switch at update 3 (a new DDP wrapper that includes the encoder)
-    "switch": ({"dropout": 0.0, "drop_net": 0.0}, FreezeConfig(policy="unfreeze_after", unit="step", unfreeze_at=3), 3, 1),
+    "switch": ({"dropout": 0.0, "drop_net": 0.0},
+               FreezeConfig(policy="unfreeze_after", unit="step", unfreeze_at=3), 3, 1),
     # drop-net 1.0 (every forward skips one branch per layer), dropout, an unfreeze switch, 2 micro-batches per update
-    "dropnet": ({"dropout": 0.1, "drop_net": 1.0}, FreezeConfig(policy="unfreeze_after", unit="step", unfreeze_at=2), 3, 2),
+    "dropnet": ({"dropout": 0.1, "drop_net": 1.0},
+                FreezeConfig(policy="unfreeze_after", unit="step", unfreeze_at=2), 3, 2),
 }
 
 
@@ -71,15 +73,16 @@ def run_scenario(name: str, bert_path: str, run_dir: Path, accum: int) -> dict[s
     """Train scenario ``name`` with ``accum`` micro-batches per update on this process."""
     overrides, freeze, epochs, _ = SCENARIOS[name]
     model_cfg = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, **overrides)
-    cfg = Config(model=model_cfg, freeze=freeze, optim=OptimConfig(lr=1e-3, warmup_steps=3), data=DataConfig(max_tokens=60),
+    cfg = Config(model=model_cfg, freeze=freeze, optim=OptimConfig(lr=1e-3, warmup_steps=3),
+                 data=DataConfig(max_tokens=60),
                  trainer=TrainerConfig(max_epochs=epochs, accum_steps=accum, device="cpu", valid_bleu=False,
                                        tensorboard=False, progress=False))
     log = DrawLog()
     DropNet.draw = log.draw()  # type: ignore[method-assign]
     try:
         torch.manual_seed(123)
-        trainer = Trainer(cfg, make_model(bert_path, model_cfg), fake_data(), FreezePolicy(freeze), run_dir, "fused", {},
-                          bert_pad_id=0)
+        trainer = Trainer(cfg, make_model(bert_path, model_cfg), fake_data(), FreezePolicy(freeze), run_dir, "fused",
+                          {}, bert_pad_id=0)
         result = trainer.fit()
     finally:
         DropNet.draw = log.inner  # type: ignore[method-assign]

@@ -13,11 +13,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bertnmt.core.paths import CONF_DIR
-from bertnmt.experiments.ablation import check_shared_baseline, compose_row, compose_rows, multirun_command, run_ablation
-from bertnmt.experiments.rows import ROW_BY_NAME, ROWS, parse_seeds, row_dir, select_rows
-from bertnmt.experiments.ablation_report import collect, deltas, table_markdown, write_report
 from bertnmt.core.errors import ConfigError
+from bertnmt.core.paths import CONF_DIR
+from bertnmt.experiments.ablation import (
+    check_shared_baseline,
+    compose_row,
+    compose_rows,
+    multirun_command,
+    run_ablation,
+)
+from bertnmt.experiments.ablation_report import collect, deltas, table_markdown, write_report
+from bertnmt.experiments.rows import ROW_BY_NAME, ROWS, parse_seeds, row_dir, select_rows
 from bertnmt.recipe.baseline import baseline_key
 from bertnmt.recipe.pipeline import check_freeze, scratch_trainer
 
@@ -42,8 +48,9 @@ def test_registry_matches_the_config_files() -> None:
     assert files == set(ROW_BY_NAME)
     assert ROWS[0].name == "transformer" and ROW_BY_NAME["fused"].paper_delta == pytest.approx(1.88)
     # the table: every row with its paper BLEU
-    paper = {"transformer": 28.57, "fused": 30.45, "no_warm_start": 27.03, "finetune": 28.87, "bert_init_encoder": 27.14,
-             "feature_based": 29.67, "no_enc_bert_attn": 29.87, "no_dec_bert_attn": 29.90, "stacked": 29.35,
+    paper = {"transformer": 28.57, "fused": 30.45, "no_warm_start": 27.03, "finetune": 28.87,
+             "bert_init_encoder": 27.14, "feature_based": 29.67, "no_enc_bert_attn": 29.87, "no_dec_bert_attn": 29.90,
+             "stacked": 29.35,
              "transformer_12l": 29.27, "transformer_18l": 28.92}
     assert {r.name: r.paper_bleu for r in ROWS if r.paper_bleu is not None} == paper
     names = set(ROW_BY_NAME)
@@ -86,7 +93,8 @@ CHECKS = {
     "feature_based": lambda m, c: m.bert_proj is not None and not _fused_layers(m.encoder) + _fused_layers(m.decoder),
     "no_enc_bert_attn": lambda m, c: _fused_layers(m.encoder) == [] and _fused_layers(m.decoder) == [0, 1],
     "no_dec_bert_attn": lambda m, c: _fused_layers(m.encoder) == [0, 1] and _fused_layers(m.decoder) == [],
-    "stacked": lambda m, c: all(layer.stacked for layer in m.encoder.layers) and m.decoder.layers[1].bert_attn_ln is not None,
+    "stacked": lambda m, c: (all(layer.stacked for layer in m.encoder.layers)
+                             and m.decoder.layers[1].bert_attn_ln is not None),
     "transformer_12l": lambda m, c: m.bert is None and len(m.encoder.layers) == 12,
     "transformer_18l": lambda m, c: m.bert is None and len(m.encoder.layers) == 18,
     "layer_mix": lambda m, c: m.bert_mix is not None and m.bert_mix.weights.numel() == 7,  # embeddings + 6 blocks
@@ -124,7 +132,8 @@ def test_every_row_builds_its_model(row, tiny_bert6) -> None:
 
 def test_warm_started_rows_share_one_baseline() -> None:
     data = SimpleNamespace(key="datakey", vocab=SimpleNamespace(sha256="vocabsha"))
-    cfgs = {name: c for (name, _), c in compose_rows(ROWS, ["model=tiny", "warm_start.max_epochs=1", "optim=paper"]).items()}
+    composed = compose_rows(ROWS, ["model=tiny", "warm_start.max_epochs=1", "optim=paper"])
+    cfgs = {name: c for (name, _), c in composed.items()}
     check_shared_baseline(cfgs)
     keys = {baseline_key(c, data) for c in cfgs.values() if c.warm_start.auto}
     assert len(keys) == 1 and sum(c.warm_start.auto for c in cfgs.values()) == 21
@@ -136,7 +145,8 @@ def test_warm_started_rows_share_one_baseline() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         main_job = to_config(compose(config_name="config", overrides=["+exp=frozen_bert"]))
     assert baseline_key(main_job, data) == baseline_key(compose_row(ROW_BY_NAME["fused"]), data)
-    bad = {"fused": compose_row(ROW_BY_NAME["fused"]), "stacked": compose_row(ROW_BY_NAME["stacked"], ["model.d_model=64"])}
+    bad = {"fused": compose_row(ROW_BY_NAME["fused"]),
+           "stacked": compose_row(ROW_BY_NAME["stacked"], ["model.d_model=64"])}
     with pytest.raises(ConfigError, match="different warm-start baselines"):
         check_shared_baseline(bad)
 
@@ -164,7 +174,8 @@ def test_row_selection_seeds_and_overrides() -> None:
 def test_scratch_budget_is_baseline_plus_own_stage() -> None:
     split = SimpleNamespace(src_ids=[[5] * 4] * 10, tgt_ids=[[5] * 4] * 10, bert_ids=None)
     data = SimpleNamespace(splits={"train": split})
-    cfg = compose_row(ROW_BY_NAME["no_warm_start"], ["warm_start.max_epochs=3", "trainer.max_epochs=2", "data.max_tokens=10"])
+    cfg = compose_row(ROW_BY_NAME["no_warm_start"],
+                      ["warm_start.max_epochs=3", "trainer.max_epochs=2", "data.max_tokens=10"])
     t = scratch_trainer(cfg, data)
     assert (t.max_epochs, t.max_steps) == (5, 0)
     # 10 sentences of width 5, 10 tokens a batch: 5 updates an epoch; the fused stage capped at 4 updates
@@ -260,8 +271,8 @@ def test_toy_table_runs_every_row_through_multirun_and_resumes(tmp_path: Path, t
     for p, t in stamps.items():
         if p.parts[-3] != "stacked":
             assert p.stat().st_mtime_ns == t, p
-    assert re.search(r"\| stacked instead of averaged attentions \| `ablation/stacked` \| warm start \| 1\+1 \| \d+\.\d\d \|",
-                     (out / "ablations.md").read_text())
+    assert re.search(r"\| stacked instead of averaged attentions \| `ablation/stacked` \| warm start \| 1\+1 "
+                     r"\| \d+\.\d\d \|", (out / "ablations.md").read_text())
 
 
 # -- the converged sweep ------------------------------------------------------------------------
@@ -281,7 +292,9 @@ def test_early_stopping_rule_is_a_function_of_the_epoch_records() -> None:
     assert early_stop_epoch(recs, bleu) is None and best_epoch(recs, bleu) == 4
     assert early_stop_epoch(recs, EarlyStopConfig(patience=0)) is None  # off
     assert early_stop_epoch(recs, EarlyStopConfig(patience=1, metric="bleu")) == 3
-    for bad, match in ((EarlyStopConfig(metric="ppl"), "metric='ppl'"), (EarlyStopConfig(patience=-1), "patience=-1"),
+    with pytest.raises(ConfigError, match="trainer.early_stop.metric='ppl' is not one of loss, bleu"):
+        EarlyStopConfig(metric="ppl")
+    for bad, match in ((EarlyStopConfig(patience=-1), "patience=-1"),
                        (EarlyStopConfig(patience=2, metric="bleu"), "needs trainer.valid_bleu")):
         with pytest.raises(ConfigError, match=match):
             check_early_stop(bad, valid_bleu=False)
@@ -314,8 +327,8 @@ def _hyps(out: Path, row: str, seed: int, refs: list[str], hyps: list[str]) -> N
 
 
 def test_converged_table_with_pending_rows_and_paired_bootstrap(tmp_path: Path) -> None:
-    from bertnmt.experiments.convergence_report import END, START, converged_table, update_doc
     from bertnmt.decoding.significance import paired_bootstrap
+    from bertnmt.experiments.convergence_report import END, START, converged_table, update_doc
 
     refs = [f"ein hund spielt im park nummer {i}" for i in range(200)]
     weak = [r if i % 3 else "ein hund" for i, r in enumerate(refs)]
@@ -408,7 +421,8 @@ def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Pat
         run_ablation(out, rows, overrides, launcher="inprocess", converge=True)
     assert killed and (row_dir(out, "transformer", 1) / "summary.json").is_file()
     fused_dir = row_dir(out, "fused", 1)
-    assert not (fused_dir / "summary.json").exists() and any((fused_dir / "checkpoints" / "fused").glob("checkpoint_*.pt"))
+    assert not (fused_dir / "summary.json").exists()
+    assert any((fused_dir / "checkpoints" / "fused").glob("checkpoint_*.pt"))
     assert not row_dir(out, "transformer", 2).exists()
     done = (row_dir(out, "transformer", 1) / "summary.json").stat().st_mtime_ns
 
@@ -417,7 +431,7 @@ def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Pat
         md = run_ablation(out, rows, overrides, launcher="inprocess", converge=True)
     log = caplog.text
     assert "row transformer seed 1: finished" in log and "row fused seed 1: unfinished folder" in log
-    assert f"[fused] resumed from" in log and f"step {killed[0]}" in log
+    assert "[fused] resumed from" in log and f"step {killed[0]}" in log
     assert (row_dir(out, "transformer", 1) / "summary.json").stat().st_mtime_ns == done
     epochs = [json.loads(line) for line in (fused_dir / "results.jsonl").read_text().splitlines()]
     fused_epochs = [r["epoch"] for r in epochs if r.get("stage") == "fused" and "split" not in r]
@@ -427,7 +441,8 @@ def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Pat
     assert summary["fused"]["epochs"] == 2 and "reused_from" in summary["baseline"]
     table = (out / "converged.md").read_text()
     assert "All runs finished." in table and "| 2/2 (s1, s2) |" in table and "1/2 cap" not in table
-    assert re.search(r"\| 1/1 \(s1\) \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \| \+1\.88 \| 1/2 \| 0\.\d{3} \(s1\) \|", table)
+    assert re.search(r"\| 1/1 \(s1\) \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \| \+1\.88 \| 1/2 "
+                     r"\| 0\.\d{3} \(s1\) \|", table)
     assert md.name == "ablations.md"
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from bertnmt.core import atomic
-from bertnmt.train.checkpoint import save_checkpoint
 from bertnmt.core.errors import CheckpointError, OutputError
+from bertnmt.train.checkpoint import save_checkpoint
 
 
 def no_space(*args: object, **kwargs: object) -> None:

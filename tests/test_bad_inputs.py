@@ -10,15 +10,15 @@ import os
 import random
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import torch
 
-from bertnmt.train.checkpoint import model_weights, save_checkpoint
 from bertnmt.core.config import ModelConfig
 from bertnmt.model.nmt import BertFusedTransformer
+from bertnmt.train.checkpoint import model_weights, save_checkpoint
 from tiny_encoder import make_tiny_bert
 from train_cli import run_train
 
@@ -36,7 +36,8 @@ def write_corpus(root: Path, n: int = 20) -> dict[str, Path]:
     rng = random.Random(1)
     files = {}
     for split in ("train", "valid", "test"):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for _ in range(n if split == "train" else 6)]
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
+                 for _ in range(n if split == "train" else 6)]
         for side, lang in (("src", "en"), ("tgt", "de")):
             path = root / f"{split}.{lang}"
             path.write_text("".join(line[::-1 if side == "tgt" else 1] + "\n" for line in lines), encoding="utf-8")
@@ -58,7 +59,8 @@ class Case:
 def save_plain(path: Path, d_model: int = 32, vocab: int = 60, sha: str | None = None) -> Path:
     cfg = ModelConfig(d_model=d_model, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, fused=False)
     model = BertFusedTransformer(cfg, vocab, 0, None)
-    save_checkpoint(path, {"model": model_weights(model, include_bert=False), "meta": {"vocab_sha256": sha} if sha else {}})
+    meta = {"vocab_sha256": sha} if sha else {}
+    save_checkpoint(path, {"model": model_weights(model, include_bert=False), "meta": meta})
     return path
 
 
@@ -111,8 +113,9 @@ def bad_freeze_rule(tmp: Path, files: Files, bert: str) -> Result:
 
 def overlapping_rules(tmp: Path, files: Files, bert: str) -> Result:
     rules = "[{match: 'group:encoder', end: 3}, {match: 'group:encoder', frozen: false, start: 2}]"
-    return ["freeze=rules", f"freeze.rules={rules}"], ("error: freeze.rules[0] (group:encoder frozen [1, 3)) and "
-                                                      "freeze.rules[1] (group:encoder trains [2, inf)) contradict each other")
+    return ["freeze=rules", f"freeze.rules={rules}"], (
+        "error: freeze.rules[0] (group:encoder frozen [1, 3)) and "
+        "freeze.rules[1] (group:encoder trains [2, inf)) contradict each other")
 
 
 def warm_other_vocab(tmp: Path, files: Files, bert: str) -> Result:
@@ -140,7 +143,8 @@ def truncated_checkpoint(tmp: Path, files: Files, bert: str) -> Result:
 
 
 def bad_resume_value(tmp: Path, files: Files, bert: str) -> Result:
-    return ["trainer.resume=sometimes"], "error: trainer.resume='sometimes' is neither auto, never nor a checkpoint file"
+    return ["trainer.resume=sometimes"], \
+        "error: trainer.resume='sometimes' is neither auto, never nor a checkpoint file"
 
 
 def unwritable_output(tmp: Path, files: Files, bert: str) -> Result:
@@ -169,7 +173,8 @@ def no_tokenizer_files(tmp: Path, files: Files, bert: str) -> Result:
 
 
 def plus_typo(tmp: Path, files: Files, bert: str) -> Result:
-    return ["+trainer.max_epoch=5"], "error: +trainer.max_epoch=5: trainer has no key 'max_epoch'; did you mean trainer.max_epochs?"
+    return ["+trainer.max_epoch=5"], \
+        "error: +trainer.max_epoch=5: trainer has no key 'max_epoch'; did you mean trainer.max_epochs?"
 
 
 def plus_unknown(tmp: Path, files: Files, bert: str) -> Result:
@@ -242,6 +247,10 @@ CASES = {
     "unknown key": Case(unknown_key),
     "unknown group option": Case(unknown_option),
     "value of the wrong type": Case(bad_value),
+    "choice outside its set": Case(value("freeze.policy", "thaw", "freeze.policy='thaw' is not one of frozen, "
+                                         "finetune, unfreeze_after, gradual, nmt_frozen, rules")),
+    "early-stopping metric outside its set": Case(value("trainer.early_stop.metric", "ppl",
+                                                        "trainer.early_stop.metric='ppl' is not one of loss, bleu")),
     "freeze rule matching nothing": Case(bad_freeze_rule),
     "contradicting freeze rules": Case(overlapping_rules),
     "warm start of another vocabulary": Case(warm_other_vocab, plain=False),
@@ -288,7 +297,8 @@ def overridden(base: list[str], extra: list[str]) -> list[str]:
     return [a for a in base if not drop(a)] + extra
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if c.slow else []) for n, c in CASES.items()])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if c.slow else [])
+                                  for n, c in CASES.items()])
 def test_bad_input_is_one_clear_line(name: str, tmp_path: Path, bert: str) -> None:
     case = CASES[name]
     files = write_corpus(tmp_path)
@@ -375,4 +385,5 @@ def test_tolerated_input_is_counted(name: str, setup: Callable, warning: str | N
     report = json.loads((tmp_path / "run" / "meta.json").read_text())["data_report"]
     check(report, tmp_path)
     warnings = [line for line in out.stdout.splitlines() if "[WARNING]" in line]
-    assert [w.split(" - ", 1)[1] for w in warnings] == ([f"{warning} ({report['encoder_truncated']})"] if warning else [])
+    expected = [f"{warning} ({report['encoder_truncated']})"] if warning else []
+    assert [w.split(" - ", 1)[1] for w in warnings] == expected

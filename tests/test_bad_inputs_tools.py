@@ -15,9 +15,9 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -49,7 +49,8 @@ class Row:
 def model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tool_model")
     run = make_run(root)
-    return {"root": root, "run": run, "export": run / "export", "ckpt": run / "checkpoints" / "baseline" / "checkpoint_best.pt",
+    return {"root": root, "run": run, "export": run / "export",
+            "ckpt": run / "checkpoints" / "baseline" / "checkpoint_best.pt",
             "corpus": root / "corpus"}
 
 
@@ -223,7 +224,8 @@ def closed_pipe(tmp: Path, m: dict[str, Path]) -> Row:
 
 
 def limit_minus_five(tmp: Path, m: dict[str, Path]) -> Row:
-    return Row("evaluate", [str(m["export"]), "--limit", "-5", "--out", str(tmp / "ev")], "error: --limit -5: must be 0")
+    return Row("evaluate", [str(m["export"]), "--limit", "-5", "--out", str(tmp / "ev")],
+               "error: --limit -5: must be 0")
 
 
 def empty_src(tmp: Path, m: dict[str, Path]) -> Row:
@@ -235,7 +237,8 @@ def empty_src(tmp: Path, m: dict[str, Path]) -> Row:
 def empty_ref(tmp: Path, m: dict[str, Path]) -> Row:
     (tmp / "empty.de").write_text("")
     src = m["corpus"] / "test.en"
-    return Row("evaluate", [str(m["export"]), "--src", str(src), "--ref", str(tmp / "empty.de"), "--out", str(tmp / "ev")],
+    return Row("evaluate",
+               [str(m["export"]), "--src", str(src), "--ref", str(tmp / "empty.de"), "--out", str(tmp / "ev")],
                f"error: line counts differ: {src} has 5 lines, {tmp / 'empty.de'} has 0")
 
 
@@ -265,7 +268,8 @@ def config_d_model_odd(tmp: Path, m: dict[str, Path]) -> Row:
 def config_d_model_other(tmp: Path, m: dict[str, Path]) -> Row:
     export = edit_config(tmp, m, "d_model: 32", "d_model: 64")
     return Row("evaluate", [str(export), "--out", str(tmp / "ev")],
-               f"error: {export / 'config.yaml'}: the model it describes does not fit the weights (checkpoint {export}: ")
+               f"error: {export / 'config.yaml'}: the model it describes does not fit the weights "
+               f"(checkpoint {export}: ")
 
 
 def config_not_yaml(tmp: Path, m: dict[str, Path]) -> Row:
@@ -288,14 +292,16 @@ def other_checkpoint(tmp: Path, m: dict[str, Path], meta: dict | None = None, mo
 def average_other_vocab(tmp: Path, m: dict[str, Path]) -> Row:
     other = other_checkpoint(tmp, m, meta={"vocab_sha256": "b" * 64})
     return Row("average_checkpoints", [str(m["ckpt"]), str(other), "--out", str(tmp / "avg.pt")],
-               f"error: {other} was trained with another vocabulary than {m['ckpt']} (SentencePiece sha256 bbbbbbbbbbbb vs ")
+               f"error: {other} was trained with another vocabulary than {m['ckpt']} "
+               "(SentencePiece sha256 bbbbbbbbbbbb vs ")
 
 
 def average_other_config(tmp: Path, m: dict[str, Path]) -> Row:
     model = load_checkpoint(m["ckpt"])["meta"]["model"]
     other = other_checkpoint(tmp, m, meta={"model": {**model, "pre_ln": True}})  # same tensors, another model
     return Row("average_checkpoints", [str(m["ckpt"]), str(other), "--out", str(tmp / "avg.pt")],
-               f"error: {other} has model.pre_ln=True, {m['ckpt']} has False; checkpoints of different models cannot be averaged")
+               f"error: {other} has model.pre_ln=True, {m['ckpt']} has False; "
+               "checkpoints of different models cannot be averaged")
 
 
 def average_other_shapes(tmp: Path, m: dict[str, Path]) -> Row:

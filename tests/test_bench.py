@@ -4,7 +4,6 @@ The GPU command of the README (8,192-token batches over 3,000 pairs) has fewer b
 plus timed updates; the bench must go on into the next epoch, as the Trainer does, not stop."""
 from __future__ import annotations
 
-
 import pytest
 
 from bertnmt.experiments.bench import main, worker
@@ -23,7 +22,8 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> BenchSpec:
     tmp = tmp_path_factory.mktemp("bench")
     custom = write_toy_corpus(tmp / "corpus", n_train=120, n_valid=10, n_test=12)
     bert = make_tiny_bert(tmp / "bert")
-    overrides = custom_overrides(custom) + [f"bert.path={bert}", f"data.cache_dir={tmp / 'cache'}", "data.vocab_size=100"]
+    overrides = custom_overrides(custom) + [f"bert.path={bert}", f"data.cache_dir={tmp / 'cache'}",
+                                            "data.vocab_size=100"]
     # 120 pairs in 600-token batches: a few batches an epoch, fewer than warm-up + steps (2 + 12)
     return BenchSpec(model="tiny", sentences=120, max_tokens=600, steps=12, warmup=2, decode_sents=12, decode_len=5,
                      beam=2, threads=1, repeat=1, overrides=" ".join(overrides))

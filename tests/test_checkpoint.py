@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, model_weights, save_checkpoint, warm_start
 from bertnmt.core.config import BertConfig, ModelConfig
 from bertnmt.core.errors import CheckpointError
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
+from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, model_weights, save_checkpoint, warm_start
 from tiny_encoder import make_tiny_bert
 
 TINY = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2)
@@ -71,3 +71,18 @@ def test_corrupt_and_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> Non
         load_checkpoint(old)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_config_choices_are_saved_as_their_words(tmp_path: Path) -> None:
+    """A payload holding enum members (``dataclasses.asdict`` of a config) still loads with ``weights_only``."""
+    from dataclasses import asdict
+
+    from bertnmt.core.config import Config, Policy, Unit
+
+    path = tmp_path / "ckpt.pt"
+    cfg = Config()
+    cfg.freeze.policy, cfg.freeze.unit = Policy.gradual, Unit.step
+    save_checkpoint(path, {"model": {}, "meta": {"config": asdict(cfg), "pair": (Policy.rules, 1)}})
+    meta = load_checkpoint(path)["meta"]
+    assert meta["config"]["freeze"]["policy"] == "gradual" and type(meta["config"]["freeze"]["policy"]) is str
+    assert meta["config"]["freeze"]["unit"] == "step" and meta["pair"] == ("rules", 1)

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train(args: list[str], tmp_path: Path, mirror: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "BERTNMT_MIRROR": str(mirror), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "scripts/train.py", f"hydra.run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
-           "data.train_limit=20", "data.valid_limit=5", "data.test_limit=5", *args]
+    cmd = [sys.executable, "scripts/train.py", f"hydra.run.dir={tmp_path / 'run'}",
+           f"data.cache_dir={tmp_path / 'cache'}", "data.train_limit=20", "data.valid_limit=5", "data.test_limit=5",
+           *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

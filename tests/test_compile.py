@@ -32,7 +32,7 @@ def test_compiled_training_matches_eager(bert_path: str, tmp_path: Path, monkeyp
     assert len(compiled_losses) == len(eager_losses) > 2
     torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-5)
     # the compiled module trained the model's own parameters
-    for (name, a), b in zip(eager.model.named_parameters(), compiled.model.parameters()):
+    for (name, a), b in zip(eager.model.named_parameters(), compiled.model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)
 
 

@@ -1,14 +1,39 @@
 """Hydra composition: every experiment composes against the typed schema; typos are errors."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from bertnmt.core.config import Config, check_values, register_configs, to_config
+from bertnmt.core.config import (
+    BertInput,
+    Choice,
+    Config,
+    FeatureCache,
+    Features,
+    FreezeConfig,
+    FusionCombine,
+    Metric,
+    ModelConfig,
+    Policy,
+    Precision,
+    ScratchBudget,
+    TrainerConfig,
+    Unit,
+    WarmStartConfig,
+    check_values,
+    plain,
+    register_configs,
+    to_config,
+    to_plain_container,
+)
 from bertnmt.core.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -104,3 +129,97 @@ def test_added_keys_must_be_in_the_schema(override: str, message: str | None) ->
         with pytest.raises(ConfigError) as err:
             check_keys(CONF, [override])
         assert str(err.value) == message
+
+
+# -- choice fields: enums that Hydra checks when it composes -----------------------------------------
+CHOICES = {  # key -> (its enum, a word outside its set)
+    "model.fusion_combine": (FusionCombine, "sum"), "model.bert_input": (BertInput, "input"),
+    "bert.features": (Features, "noise"), "bert.cache_features": (FeatureCache, "sometimes"),
+    "freeze.policy": (Policy, "thaw"), "freeze.unit": (Unit, "epochs"),
+    "trainer.early_stop.metric": (Metric, "ppl"), "trainer.precision": (Precision, "bf-16"),
+    "warm_start.scratch_budget": (ScratchBudget, "all"),
+}
+
+
+def test_choice_members_are_named_by_their_words() -> None:
+    assert set(Choice.__subclasses__()) == {enum for enum, _ in CHOICES.values()}
+    for enum, _ in CHOICES.values():
+        assert [m.name for m in enum] == [m.value for m in enum]
+
+
+@pytest.mark.parametrize("key", CHOICES)
+def test_every_choice_composes_to_its_member(key: str) -> None:
+    enum, _ = CHOICES[key]
+    for member in enum:
+        value = OmegaConf.select(OmegaConf.structured(compose_cfg([f"{key}={member.value}"])), key)
+        assert type(value) is enum and value is member
+
+
+@pytest.mark.parametrize("key", CHOICES)
+def test_a_word_outside_a_choice_is_one_line_naming_key_and_choices(key: str) -> None:
+    from bertnmt.cli import check_command_line
+
+    enum, bad = CHOICES[key]
+    with pytest.raises(ConfigCompositionException):  # Hydra itself refuses it while composing
+        compose_cfg([f"{key}={bad}"])
+    with pytest.raises(ConfigError) as err:
+        check_command_line(CONF, [f"{key}={bad}"])
+    assert str(err.value) == f"{key}='{bad}' is not one of {', '.join(m.value for m in enum)}"
+
+
+def test_a_bad_choice_in_a_yaml_file_names_the_file(tmp_path: Path) -> None:
+    from bertnmt.cli import check_command_line
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "exp" / "bad.yaml").write_text("# @package _global_\nfreeze:\n  policy: thaw\n")
+    with pytest.raises(ConfigError) as err:
+        check_command_line(conf, ["+exp=bad"])
+    assert str(err.value) == ("In 'exp/bad': freeze.policy='thaw' is not one of "
+                              "frozen, finetune, unfreeze_after, gradual, nmt_frozen, rules")
+
+
+def test_dataclasses_built_in_python_take_words_and_refuse_others() -> None:
+    cfg = FreezeConfig(policy="gradual", unit="step")
+    assert cfg.policy is Policy.gradual and cfg.unit is Unit.step
+    assert TrainerConfig(precision="fp32").precision is Precision.fp32
+    with pytest.raises(ConfigError, match=r"^model.bert_input='input' is not one of fused, embedding, replace$"):
+        ModelConfig(bert_input="input")
+    with pytest.raises(ConfigError, match=r"^warm_start.scratch_budget='all' is not one of stage, total$"):
+        WarmStartConfig(scratch_budget="all")
+
+
+def test_members_print_and_compare_as_their_words() -> None:
+    assert f"{Policy.nmt_frozen}" == str(Policy.nmt_frozen) == "nmt_frozen" == Policy.nmt_frozen
+    assert f"{Metric.bleu:>6}" == "  bleu" and json.dumps({"m": Metric.bleu}) == '{"m": "bleu"}'
+
+
+def test_choices_round_trip_through_yaml_json_and_checkpoints(tmp_path: Path) -> None:
+    cfg = compose_cfg(["+exp=ablation/feature_based", "freeze.policy=gradual", "trainer.early_stop.metric=bleu",
+                       "bert.cache_features=off", "trainer.precision=fp32"])
+    yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))  # the run folder's config.yaml
+    assert "policy: gradual" in yaml and "bert_input: embedding" in yaml and "scratch_budget: total" in yaml
+    assert to_config(OmegaConf.create(yaml)) == cfg
+    container = to_plain_container(cfg)
+    words = [container["freeze"]["policy"], container["model"]["bert_input"], container["bert"]["cache_features"],
+             container["trainer"]["early_stop"]["metric"], container["trainer"]["precision"],
+             plain(cfg.model)["bert_input"]]
+    assert words == ["gradual", "embedding", "off", "bleu", "fp32", "embedding"]
+    assert all(type(w) is str for w in words)  # plain words, not enum members
+    assert to_config(json.loads(json.dumps(container))) == cfg
+    # checkpoints are read with weights_only=True, which refuses enum objects: they store the words
+    torch.save({"config": container, "model": plain(cfg.model)}, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert to_config(loaded["config"]) == cfg and loaded["model"] == plain(cfg.model)
+
+
+def test_a_checkpoint_config_of_plain_strings_still_loads() -> None:
+    old = {"model": {"fusion_combine": "stacked", "bert_input": "fused"}, "bert": {"features": "random"},
+           "freeze": {"policy": "unfreeze_after", "unit": "step", "unfreeze_at": 3},
+           "trainer": {"precision": "bf16", "early_stop": {"metric": "bleu"}},
+           "warm_start": {"scratch_budget": "total"}}
+    cfg = to_config(old)
+    assert (cfg.model.fusion_combine, cfg.bert.features, cfg.freeze.policy, cfg.freeze.unit) == \
+        (FusionCombine.stacked, Features.random, Policy.unfreeze_after, Unit.step)
+    assert (cfg.trainer.precision, cfg.trainer.early_stop.metric, cfg.warm_start.scratch_budget) == \
+        (Precision.bf16, Metric.bleu, ScratchBudget.total)

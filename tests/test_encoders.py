@@ -13,8 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from bertnmt.core.config import BertConfig, register_configs
-from bertnmt.data.tokenize import EncoderTokenizer
 from bertnmt.core.errors import ConfigError
+from bertnmt.data.tokenize import EncoderTokenizer
 from bertnmt.inference.loading import load_model
 from bertnmt.model.pretrained import PretrainedEncoder, check_tokenizer
 from bertnmt.recipe.pipeline import run
@@ -56,7 +56,7 @@ def test_kobert_layout_gets_berts_template(encoders: dict[str, str], texts: tupl
     korean = texts[1][:200]
     ids, n_cut = tok.encode_batch(korean)
     assert n_cut == 0 and tok.pad_id == 1
-    for text, seq in zip(korean, ids):
+    for text, seq in zip(korean, ids, strict=True):
         assert seq == [2, *sp.encode(text), 3]  # [CLS] x [SEP], the model's own SentencePiece ids
     unk = sum(i == 0 for seq in ids for i in seq)
     assert unk <= 0.01 * sum(map(len, ids))  # Hangul is not decomposed into unknown jamo

@@ -8,19 +8,19 @@ import logging
 import math
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
-from bertnmt.train.checkpoint import LAST, load_checkpoint, save_checkpoint, step_checkpoints
 from bertnmt.cli import exit_code
 from bertnmt.core.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
-from bertnmt.data.prepare import PreparedData
 from bertnmt.core.errors import CheckpointError, TrainingError, TrainingInterrupted
-from bertnmt.train.freeze import FreezePolicy
+from bertnmt.data.prepare import PreparedData
 from bertnmt.model.nmt import BertFusedTransformer
+from bertnmt.train.checkpoint import LAST, load_checkpoint, save_checkpoint, step_checkpoints
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
@@ -107,8 +107,10 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path: Path, caplog: 
 
 def test_nonfinite_losses_in_a_row_stop_with_the_step(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, max_nonfinite_in_row=3)
-    patch_forward(trainer, lambda k, t: (torch.tensor(math.inf, requires_grad=True), torch.tensor(0.0)) if k > 2 else None)
-    with pytest.raises(TrainingError, match=r"^3 non-finite losses in a row, the last at step 4 \(epoch 1, stage baseline\)"):
+    patch_forward(trainer,
+                  lambda k, t: (torch.tensor(math.inf, requires_grad=True), torch.tensor(0.0)) if k > 2 else None)
+    with pytest.raises(TrainingError,
+                       match=r"^3 non-finite losses in a row, the last at step 4 \(epoch 1, stage baseline\)"):
         trainer.fit()
 
 
@@ -138,8 +140,8 @@ def test_a_signal_saves_at_the_next_step_boundary_and_resumes_exactly(tmp_path: 
     assert signal.getsignal(signum) is before  # the handler is removed again
     err = info.value
     assert (err.signum, err.step) == (signum, 5)  # the update of batch 5 finished first
-    assert str(err) == (f"interrupted at step 5; checkpoint saved to {tmp_path}/checkpoints/baseline/checkpoint_1_5.pt; "
-                        "rerun the same command to resume")
+    assert str(err) == (f"interrupted at step 5; checkpoint saved to "
+                        f"{tmp_path}/checkpoints/baseline/checkpoint_1_5.pt; rerun the same command to resume")
     ckpt = load_checkpoint(err.path)
     assert (ckpt["step"], ckpt["position"]["batches_done"], ckpt["position"]["epoch_done"]) == (5, 5, False)
     assert not (tmp_path / "results.jsonl").exists()  # the epoch had not ended
@@ -243,7 +245,8 @@ def test_a_checkpoint_with_a_pickled_object_is_refused(tmp_path: Path) -> None:
     assert marker.exists()
 
 
-def test_trust_remote_code_is_off_unless_set_and_logged_when_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_trust_remote_code_is_off_unless_set_and_logged_when_on(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     from bertnmt.recipe.pipeline import run
 
     bert = make_tiny_bert(tmp_path / "bert")

@@ -10,14 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from bertnmt.core.config import BertConfig, Config, DataConfig, FreezeConfig, FreezeRule, ModelConfig, OptimConfig, TrainerConfig
+from bertnmt.core.config import (
+    BertConfig,
+    Config,
+    DataConfig,
+    FreezeConfig,
+    FreezeRule,
+    ModelConfig,
+    OptimConfig,
+    TrainerConfig,
+)
+from bertnmt.core.errors import ConfigError
 from bertnmt.data.collate import make_loader
 from bertnmt.data.features import estimate_bytes, feature_cache
 from bertnmt.data.prepare import PreparedData
-from bertnmt.core.errors import ConfigError
-from bertnmt.train.freeze import FreezePolicy
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
@@ -40,8 +49,8 @@ def fused_model(bert_path: str) -> BertFusedTransformer:
     return BertFusedTransformer(TINY, vocab_size=50, pad_id=0, bert=PretrainedEncoder(BertConfig(path=bert_path)))
 
 
-def frozen_policy(model: BertFusedTransformer, cfg: FreezeConfig = FreezeConfig(policy="frozen")) -> FreezePolicy:
-    policy = FreezePolicy(cfg)
+def frozen_policy(model: BertFusedTransformer, cfg: FreezeConfig | None = None) -> FreezePolicy:
+    policy = FreezePolicy(cfg or FreezeConfig(policy="frozen"))
     policy.apply(model, epoch=1, step=0)
     return policy
 
@@ -82,7 +91,8 @@ def test_cached_features_equal_the_live_encoder(bert_path: str, tmp_path: Path) 
     # the batch carries the padded features next to the encoder ids
     loader = make_loader(train, max_tokens=100, seed=1, shuffle=True, bert_pad_id=0, features=stores["train"])
     b = next(iter(loader))
-    assert b.bert_feats is not None and b.bert_feats.shape == (*b.bert_ids.shape, 32) and b.bert_feats.dtype == torch.float16
+    assert b.bert_feats is not None
+    assert b.bert_feats.shape == (*b.bert_ids.shape, 32) and b.bert_feats.dtype == torch.float16
     assert torch.all(b.bert_feats[b.bert_mask.eq(0)] == 0)
     assert torch.equal(b.bert_feats[0, : int(b.bert_mask[0].sum())].float(),
                        torch.from_numpy(stores["train"].get(int(b.indices[0])).astype(np.float32)))
@@ -120,7 +130,8 @@ def test_encoder_untrained_follows_the_schedule(bert_path: str) -> None:
         "unfreeze_after": (FreezeConfig(policy="unfreeze_after", unfreeze_at=2), [True, False, False]),
         # trains in epoch 2 only: frozen again in epoch 3, but its features changed for good
         "window": (FreezeConfig(policy="rules", rules=[
-            FreezeRule(match="group:bert", frozen=True, end=2), FreezeRule(match="group:bert", frozen=False, start=2, end=3),
+            FreezeRule(match="group:bert", frozen=True, end=2),
+            FreezeRule(match="group:bert", frozen=False, start=2, end=3),
             FreezeRule(match="group:bert", frozen=True, start=3)]), [True, False, False]),
     }
     for name, (cfg, expected) in cases.items():
@@ -139,8 +150,8 @@ def make_trainer(bert_path: str, data: PreparedData, freeze: FreezeConfig, run_d
     stores = build_cache(model, data, policy) if cached else None
     cfg = Config(model=TINY, freeze=freeze, optim=OptimConfig(lr=1e-3, warmup_steps=3),
                  data=DataConfig(max_tokens=100, pad_multiple=pad_multiple),
-                 trainer=TrainerConfig(max_epochs=epochs, device="cpu", valid_bleu=False, tensorboard=False, progress=False,
-                                       compile=compile))
+                 trainer=TrainerConfig(max_epochs=epochs, device="cpu", valid_bleu=False, tensorboard=False,
+                                       progress=False, compile=compile))
     torch.manual_seed(123)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, model, data, policy, run_dir, "fused", {}, bert_pad_id=0, features=stores)
@@ -159,14 +170,15 @@ def make_trainer(bert_path: str, data: PreparedData, freeze: FreezeConfig, run_d
 
 def test_cached_and_live_training_give_the_same_losses(bert_path: str, tmp_path: Path) -> None:
     data = fake_data(tmp_path / "data")
-    live, live_losses, live_calls = make_trainer(bert_path, data, FreezeConfig(policy="frozen"), tmp_path / "a", 2, False)
+    frozen = FreezeConfig(policy="frozen")
+    live, live_losses, live_calls = make_trainer(bert_path, data, frozen, tmp_path / "a", 2, False)
     live.fit()  # each trainer seeds the global RNG (dropout, drop-net) when built: build, then fit
-    cached, cached_losses, cached_calls = make_trainer(bert_path, data, FreezeConfig(policy="frozen"), tmp_path / "b", 2, True)
+    cached, cached_losses, cached_calls = make_trainer(bert_path, data, frozen, tmp_path / "b", 2, True)
     cached.fit()
     assert live_calls.n > 0 and cached_calls.n == 0  # the cached run never runs the encoder
     assert len(live_losses) == len(cached_losses) > 4
     np.testing.assert_allclose(cached_losses, live_losses, rtol=2e-3)
-    for (name, a), b in zip(live.model.named_parameters(), cached.model.parameters()):
+    for (name, a), b in zip(live.model.named_parameters(), cached.model.parameters(), strict=True):
         # Adam moves a weight by <= ~lr = 1e-3 a step; fp16-rounded H_B may flip the sign of a few steps
         torch.testing.assert_close(b, a, rtol=0, atol=3e-3, msg=name)
 
@@ -227,8 +239,8 @@ def test_a_full_disk_while_building_is_one_line_and_leaves_nothing(bert_path: st
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from bertnmt.data import features
     from bertnmt.core.errors import OutputError
+    from bertnmt.data import features
 
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -54,8 +54,8 @@ def test_training_flops_floors_are_ordered() -> None:
 
 
 def test_beam_decode_flops_match_torch(tmp_path: Path) -> None:
-    from bertnmt.experiments.flops import beam_decode_flops
     from bertnmt.decoding.search import DecodeOptions, beam_search
+    from bertnmt.experiments.flops import beam_decode_flops
 
     bert = PretrainedEncoder(BertConfig(path=make_tiny_bert(tmp_path)))
     B, S, E, K, L = 2, 7, 9, 3, 4
@@ -63,10 +63,10 @@ def test_beam_decode_flops_match_torch(tmp_path: Path) -> None:
     enc = torch.randint(1000, 2000, (B, E))
     mask = torch.ones_like(enc)
     h_b = (bert(enc, mask).detach(), mask.eq(0))
+    opts = DecodeOptions(beam=K, max_len_a=0.0, max_len_b=L, min_len=L)
     for fused in (False, True):
         torch.manual_seed(0)
         model = BertFusedTransformer(replace(CFG, fused=fused), 50, 0, bert if fused else None).eval()
-        got = counted(lambda: beam_search(model, src, opts=DecodeOptions(beam=K, max_len_a=0.0, max_len_b=L, min_len=L),
-                                          bert_features=h_b if fused else None))
+        got = counted(lambda m=model, f=fused: beam_search(m, src, opts=opts, bert_features=h_b if f else None))
         # L tokens then the forced eos: L + 1 decoder steps
         assert got == beam_decode_flops(CFG, 50, B, S, E, K, L + 1, 32, fused=fused)

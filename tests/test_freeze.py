@@ -14,15 +14,25 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from bertnmt.core.config import (BertConfig, Config, DataConfig, FreezeConfig, FreezeRule, ModelConfig, OptimConfig,
-                            TrainerConfig, register_configs, to_config)
-from bertnmt.data.prepare import PreparedData
+from bertnmt.core.config import (
+    BertConfig,
+    Config,
+    DataConfig,
+    FreezeConfig,
+    FreezeRule,
+    ModelConfig,
+    OptimConfig,
+    TrainerConfig,
+    register_configs,
+    to_config,
+)
 from bertnmt.core.errors import ConfigError
-from bertnmt.train.freeze import FreezePolicy
-from bertnmt.train.optim import load_optimizer_state, optimizer_state
+from bertnmt.data.prepare import PreparedData
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.loss import smoothed_loss
+from bertnmt.train.optim import load_optimizer_state, optimizer_state
 from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
@@ -87,7 +97,8 @@ def test_frozen_encoder_is_bit_identical_and_in_eval_mode(bert_path: str) -> Non
 
 def test_finetune_trains_the_encoder(bert_path: str) -> None:
     # drop-net off, so that the BERT branch runs in every layer and the encoder surely gets a gradient
-    model = fused_model(bert_path, ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, drop_net=0.0))
+    model = fused_model(bert_path, ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2,
+                                               drop_net=0.0))
     policy = FreezePolicy(FreezeConfig(policy="finetune"))
     policy.apply(model)
     before = {k: v.clone() for k, v in model.bert.named_parameters()}
@@ -152,7 +163,10 @@ def test_frozen_parameters_are_bit_identical(bert_path: str, case: str) -> None:
     """Steps 0-1 train the encoder (Adam state), steps 2-5 freeze it: it must not move at all."""
     model = fused_model(bert_path)
     rules = [FreezeRule(match="group:bert", frozen=False, end=2), FreezeRule(match="group:bert", start=2)]
-    cfg = FreezeConfig(policy="rules", unit="step", rules=rules) if case == "adam_state" else FreezeConfig(policy="frozen", unit="step")
+    if case == "adam_state":
+        cfg = FreezeConfig(policy="rules", unit="step", rules=rules)
+    else:
+        cfg = FreezeConfig(policy="frozen", unit="step")
     policy = FreezePolicy(cfg)
     opt = torch.optim.AdamW(policy.param_groups(model, OptimConfig()), lr=1e-2, weight_decay=0.1)
     if case == "adam_state":
@@ -221,7 +235,8 @@ def test_frozen_encoder_keeps_no_graph_and_no_dropout(bert_path: str) -> None:
 
 def test_unfreeze_trains_from_that_very_step_with_warmup(bert_path: str) -> None:
     # drop-net off: with p_net = 1 a step may skip every BERT branch, and then the encoder gets no gradient
-    model = fused_model(bert_path, ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, drop_net=0.0))
+    model = fused_model(bert_path, ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2,
+                                               drop_net=0.0))
     policy = FreezePolicy(FreezeConfig(policy="unfreeze_after", unit="step", unfreeze_at=2, warmup=3, bert_lr_mult=0.5))
     opt = torch.optim.AdamW(policy.param_groups(model, OptimConfig()), lr=1e-2)
     word = "bert.model.encoder.layer.0.attention.self.query.weight"
@@ -259,7 +274,8 @@ def test_optimizer_groups_are_freeze_classes_and_state_resumes_across_policies(b
                 assert len({(trainable[n], mult[n]) for n in g["names"]}) == 1, (cfg.policy, pos, g["name"])
     # a checkpoint taken under `frozen` (no encoder state) loads into a `gradual` optimizer, which then trains it
     # (drop-net off: with p_net = 1 a step may skip every BERT branch, and then the encoder gets no gradient)
-    model = fused_model(bert_path, ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, drop_net=0.0))
+    model = fused_model(bert_path, ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2,
+                                               drop_net=0.0))
     frozen = FreezePolicy(FreezeConfig(policy="frozen"))
     opt = torch.optim.AdamW(frozen.param_groups(model, OptimConfig()), lr=1e-2)
     run_updates(model, frozen, opt, range(0, 2))
@@ -321,7 +337,6 @@ def rules_cfg(*rules: FreezeRule, **kw) -> FreezeConfig:
     (rules_cfg(FreezeRule(match="decoder.layers.*", start=0)), r"freeze.rules\[0\].start=0 is before the first epoch"),
     (rules_cfg(FreezeRule(match="re:(")), r"freeze.rules\[0\].match='re:\(' is not a valid regular expression"),
     (rules_cfg(FreezeRule(match="group:bert.layer.top")), r"unknown parameter group 'bert.layer.top'"),
-    (rules_cfg(FreezeRule(match="fc2.*"), unit="epochs"), r"freeze.unit='epochs' is not one of epoch, step"),
     (FreezeConfig(policy="unfreeze_after"), r"freeze.unfreeze_at=null"),
     (FreezeConfig(policy="gradual", every=0), r"freeze.every=0"),
 ])
@@ -330,10 +345,16 @@ def test_config_errors_without_a_model(cfg: FreezeConfig, message: str) -> None:
         FreezePolicy(cfg)
 
 
+def test_a_unit_outside_its_choices_is_refused_when_the_config_is_built() -> None:
+    with pytest.raises(ConfigError, match=r"^freeze.unit='epochs' is not one of epoch, step$"):
+        rules_cfg(FreezeRule(match="fc2.*"), unit="epochs")
+
+
 @pytest.mark.parametrize("cfg, message", [
     (rules_cfg(FreezeRule(match="encoder.layers.*"), FreezeRule(match="decoder.layerz.*")),
      r"^freeze.rules\[1\].match='decoder.layerz.\*' matches no parameter$"),
-    (rules_cfg(FreezeRule(match="group:berts")), r"freeze.rules\[0\].match='group:berts': unknown parameter group 'berts'"),
+    (rules_cfg(FreezeRule(match="group:berts")),
+     r"freeze.rules\[0\].match='group:berts': unknown parameter group 'berts'"),
     (rules_cfg(FreezeRule(match="group:bert.layer.-3")), r"the pretrained encoder has 2 layers"),
     (rules_cfg(FreezeRule(match="group:bert", end=4), FreezeRule(match="group:bert.layer.-1", frozen=False, start=3)),
      r"freeze.rules\[0\].*and freeze.rules\[1\].*contradict each other on bert.model.encoder.layer.1"),
@@ -348,7 +369,8 @@ def test_config_errors_against_the_model(bert_path: str, cfg: FreezeConfig, mess
 
 
 def test_nmt_frozen_needs_a_fused_model_and_presets_skip_a_missing_encoder() -> None:
-    plain = BertFusedTransformer(ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=1, dec_layers=1, fused=False), 50, 0, None)
+    plain_cfg = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=1, dec_layers=1, fused=False)
+    plain = BertFusedTransformer(plain_cfg, 50, 0, None)
     with pytest.raises(ConfigError, match=r"freeze.policy='nmt_frozen' \(group:fusion\) matches no parameter"):
         FreezePolicy(FreezeConfig(policy="nmt_frozen")).bind(plain)
     policy = FreezePolicy(FreezeConfig(policy="unfreeze_after", unfreeze_at=2))
@@ -364,17 +386,20 @@ def fake_data(n: int = 24) -> PreparedData:
 def trainer_cfg(freeze: FreezeConfig, epochs: int) -> Config:
     return Config(model=TINY, freeze=freeze, optim=OptimConfig(lr=1e-3, warmup_steps=3),
                   data=DataConfig(max_tokens=100),
-                  trainer=TrainerConfig(max_epochs=epochs, device="cpu", valid_bleu=False, tensorboard=False, progress=False))
+                  trainer=TrainerConfig(max_epochs=epochs, device="cpu", valid_bleu=False, tensorboard=False,
+                                        progress=False))
 
 
-def make_trainer(bert_path: str, freeze: FreezeConfig, epochs: int, run_dir: Path, resume: Path | None = None) -> Trainer:
+def make_trainer(bert_path: str, freeze: FreezeConfig, epochs: int, run_dir: Path,
+                 resume: Path | None = None) -> Trainer:
     torch.manual_seed(123)
     run_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(trainer_cfg(freeze, epochs), fused_model(bert_path), fake_data(), FreezePolicy(freeze), run_dir,
                    "fused", {}, bert_pad_id=0, resume=resume)
 
 
-def test_trainer_reports_each_epoch_and_logs_the_switch(bert_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_trainer_reports_each_epoch_and_logs_the_switch(bert_path: str, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="bertnmt.train.trainer")
     trainer = make_trainer(bert_path, FreezeConfig(policy="unfreeze_after", unfreeze_at=2), 2, tmp_path)
     pretrained = bert_snapshot(fused_model(bert_path))
@@ -391,14 +416,16 @@ def test_trainer_reports_each_epoch_and_logs_the_switch(bert_path: str, tmp_path
     assert len(switches) == 1 and "epoch 2" in switches[0] and "bert 0/" not in switches[0]
     assert sum("epoch 1 step 0 |" in m and "bert 0/" in m for m in caplog.messages) == 1
     ckpt = torch.load(tmp_path / "checkpoints" / "fused" / "checkpoint_last.pt", weights_only=True)
-    assert ckpt["freeze"]["epoch"] == 2 and ckpt["freeze"]["step"] == trainer.step and ckpt["freeze"]["policy"] == "unfreeze_after"
+    assert ckpt["freeze"]["epoch"] == 2 and ckpt["freeze"]["step"] == trainer.step
+    assert ckpt["freeze"]["policy"] == "unfreeze_after" and type(ckpt["freeze"]["policy"]) is str
     assert any(k.startswith("bert.") for k in ckpt["model"])  # it trains, so it is stored
     assert not torch.equal(ckpt["model"]["bert.model.embeddings.word_embeddings.weight"],
                            pretrained["model.embeddings.word_embeddings.weight"])
 
 
 @pytest.mark.parametrize("freeze", [
-    FreezeConfig(policy="unfreeze_after", unfreeze_at=3, warmup=2, bert_lr_mult=0.5),  # the switch comes after the resume
+    # the switch comes after the resume
+    FreezeConfig(policy="unfreeze_after", unfreeze_at=3, warmup=2, bert_lr_mult=0.5),
     FreezeConfig(policy="unfreeze_after", unit="step", unfreeze_at=7, warmup=3),  # mid-epoch switch, step unit
 ], ids=["epoch", "step"])
 def test_resume_mid_schedule_is_exact(bert_path: str, tmp_path: Path, freeze: FreezeConfig,

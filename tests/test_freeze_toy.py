@@ -35,7 +35,8 @@ class Toy(nn.Module):
 TOY_RULES = FreezeConfig(policy="rules", unit="epoch", rules=[FreezeRule(match="fc2.*", frozen=True, start=1, end=4)])
 
 
-def train_toy(policy: FreezePolicy, model: nn.Module, epochs: int = 10, steps: int = 4) -> tuple[list[int], list[torch.Tensor]]:
+def train_toy(policy: FreezePolicy, model: nn.Module, epochs: int = 10,
+              steps: int = 4) -> tuple[list[int], list[torch.Tensor]]:
     """A generic loop: apply the policy each epoch, AdamW over policy.param_groups, lr scaled by the policy."""
     opt = torch.optim.AdamW(policy.param_groups(model, OptimConfig(lr=1e-2)), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)

@@ -14,8 +14,14 @@ from bertnmt.model import BertFusedTransformer, FusedDecoderLayer, FusedEncoderL
 from bertnmt.model.fusion import FUSION_MODULES, DropNet, FusedSublayer, drop_nets, is_fusion_param, seed_drop_net
 from bertnmt.model.layers import LayerNorm
 from bertnmt.train.averaging import average_checkpoints
-from bertnmt.train.checkpoint import (load_checkpoint, load_model_weights, model_weights, restore_old_drop_net,
-                                      save_checkpoint, warm_start)
+from bertnmt.train.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    model_weights,
+    restore_old_drop_net,
+    save_checkpoint,
+    warm_start,
+)
 from tiny_encoder import make_tiny_bert
 
 TINY = dict(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.1)
@@ -165,7 +171,8 @@ def test_fusion_module_names_are_what_the_variants_add(bert_path: str) -> None:
         assert params and all(is_fusion_param(k) for k in params)
         added |= {part for k in params for part in k.split(".")[:-1] if part in FUSION_MODULES}
     torch.manual_seed(0)
-    mix = BertFusedTransformer(ModelConfig(**TINY), V, PAD, PretrainedEncoder(BertConfig(path=bert_path, layer_mix=True)))
+    enc = PretrainedEncoder(BertConfig(path=bert_path, layer_mix=True))
+    mix = BertFusedTransformer(ModelConfig(**TINY), V, PAD, enc)
     added |= {k.split(".")[0] for k in mix.state_dict() if k.startswith("bert_mix.")}
     assert added == FUSION_MODULES
 

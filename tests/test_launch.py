@@ -50,7 +50,7 @@ def test_multirun_sweep_gives_each_job_its_own_run(tmp_path: Path, mirror: Path)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in jobs] == ["0_transformer", "1_transformer"]
     losses = []
-    for seed, job in zip((1, 2), jobs):
+    for seed, job in zip((1, 2), jobs, strict=True):
         summary = json.loads((job / "summary.json").read_text())
         assert summary["run_dir"] == str(job) and (job / "export" / "model.safetensors").is_file()
         assert f"seed: {seed}" in (job / "config.yaml").read_text()

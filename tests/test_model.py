@@ -1,8 +1,6 @@
 """BERT-fused model: shapes, masks, drop-net, freezing, warm start (tiny sizes, CPU)."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -10,9 +8,9 @@ from bertnmt.core.config import BertConfig, ModelConfig
 from bertnmt.core.errors import ConfigError
 from bertnmt.model import (
     BertFusedTransformer,
+    DropNet,
     FusedDecoderLayer,
     FusedEncoderLayer,
-    DropNet,
     PretrainedEncoder,
 )
 
@@ -274,8 +272,8 @@ def test_keep_returns_the_logits_of_the_kept_positions() -> None:
 
 
 def test_trainer_precision_selects_autocast_and_rejects_typos() -> None:
-    from bertnmt.data.collate import Batch
     from bertnmt.core.devices import autocast
+    from bertnmt.data.collate import Batch
     from bertnmt.train.loss import forward_loss
 
     cpu = torch.device("cpu")

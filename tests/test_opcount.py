@@ -1,5 +1,5 @@
-"""The Trainer's update at the ATen level (bertnmt.experiments.opcount): no op that makes the host wait for the device, and
-fewer kernel-launching ops than Hugging Face's MarianMTModel of the same size with a one-group AdamW."""
+"""The Trainer's update at the ATen level (bertnmt.experiments.opcount): no op that makes the host wait for the
+device, and fewer kernel-launching ops than Hugging Face's MarianMTModel of the same size with a one-group AdamW."""
 from __future__ import annotations
 
 import tempfile
@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertnmt.experiments.bench import marian_like
 from bertnmt.core.config import Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
-from bertnmt.train.freeze import FreezePolicy
-from bertnmt.model.nmt import BertFusedTransformer
+from bertnmt.experiments.bench import marian_like
 from bertnmt.experiments.opcount import OpCounter, launches_kernel
+from bertnmt.model.nmt import BertFusedTransformer
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.loss import smoothed_loss
 from bertnmt.train.trainer import EpochPosition, Trainer
 from fake_data import fake_data
-from test_features import bert_path, build_cache, fused_model, frozen_policy  # noqa: F401  (bert_path: the fixture)
+from test_features import bert_path, build_cache, frozen_policy, fused_model  # noqa: F401  (bert_path: the fixture)
 
 PLAIN = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.1, fused=False)
 FUSED = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.1, drop_net=1.0)
@@ -25,7 +25,8 @@ FUSED = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2,
 def trainer_cfg(model: ModelConfig, freeze: FreezeConfig, clip: float = 0.0) -> Config:
     return Config(model=model, freeze=freeze, optim=OptimConfig(lr=1e-3, warmup_steps=3, clip_norm=clip),
                   data=DataConfig(max_tokens=200),
-                  trainer=TrainerConfig(max_epochs=1, device="cpu", valid_bleu=False, tensorboard=False, progress=False))
+                  trainer=TrainerConfig(max_epochs=1, device="cpu", valid_bleu=False, tensorboard=False,
+                                        progress=False))
 
 
 def counted_update(trainer: Trainer) -> tuple[OpCounter, Trainer]:
@@ -134,12 +135,13 @@ def test_bucket_padding_gives_few_shapes_and_the_same_loss() -> None:
     from bertnmt.train.trainer import resolve_pad_multiple
 
     assert resolve_pad_multiple(0, torch.device("cpu"), False) == 1
-    assert resolve_pad_multiple(0, torch.device("cuda"), False) == resolve_pad_multiple(0, torch.device("cpu"), True) == 8
+    assert resolve_pad_multiple(0, torch.device("cuda"), False) == 8
+    assert resolve_pad_multiple(0, torch.device("cpu"), True) == 8
     torch.manual_seed(0)
     model = BertFusedTransformer(PLAIN, 50, 0, None).eval()
     data = fake_data(60, max_len=9, with_encoder=False)
     plain, padded = (list(make_loader(data.splits["train"], 200, 0, False, None, pad_multiple=m)) for m in (1, 8))
-    for a, b in zip(plain, padded):
+    for a, b in zip(plain, padded, strict=False):
         assert b.src.size(1) % 8 == 0 and b.tgt_out.size(1) % 8 == 0 and b.out_idx.numel() % 64 == 0
         assert a.out_idx.numel() == a.ntokens == b.ntokens
         with torch.no_grad():

@@ -48,7 +48,8 @@ def test_two_stage_recipe_writes_results_and_reuses_baseline(tmp_path: Path, tin
     records = read_jsonl(run_dir / "results.jsonl")
     epochs = [r for r in records if "epoch" in r]
     # baseline, fused, then the plain Transformer continued from the same warm start (equal budget)
-    assert [(r["stage"], r["epoch"]) for r in epochs][:4] == [("baseline", 1), ("baseline", 2), ("fused", 1), ("fused", 2)]
+    assert [(r["stage"], r["epoch"]) for r in epochs][:4] == [("baseline", 1), ("baseline", 2), ("fused", 1),
+                                                              ("fused", 2)]
     assert {r["stage"] for r in epochs[4:]} == {"transformer"}
     for r in epochs:
         for key in ("epoch_time_s", "tokens_per_s", "train_loss", "valid_loss", "valid_bleu", "trainable_params",
@@ -65,7 +66,7 @@ def test_two_stage_recipe_writes_results_and_reuses_baseline(tmp_path: Path, tin
     tests = {r["stage"]: r for r in records if r.get("split") == "test"}
     assert set(tests) == {"baseline", "fused", "transformer"}
     refs = (run_dir / "test.ref").read_text(encoding="utf-8").splitlines()
-    for stage, rec in tests.items():
+    for rec in tests.values():
         hyps = (run_dir / rec["hypotheses"]).read_text(encoding="utf-8").splitlines()
         assert len(hyps) == len(refs) == 12
         direct = sacrebleu.corpus_bleu(hyps, [refs])
@@ -81,7 +82,8 @@ def test_two_stage_recipe_writes_results_and_reuses_baseline(tmp_path: Path, tin
     # equal budget: the continued Transformer made exactly the fused stage's updates, from the same checkpoint
     fused_steps = fused[-1]["step"]
     plain = [r for r in epochs if r["stage"] == "transformer"]
-    assert fused_steps > 0 and plain[-1]["step"] == fused_steps == summary["transformer"]["steps"] == summary["fused"]["steps"]
+    assert fused_steps > 0
+    assert plain[-1]["step"] == fused_steps == summary["transformer"]["steps"] == summary["fused"]["steps"]
     eq = summary["equal_budget"]
     assert eq["updates"] == {"fused": fused_steps, "transformer": fused_steps}
     assert eq["bleu_delta"] == pytest.approx(tests["fused"]["bleu"] - tests["transformer"]["bleu"], abs=0.011)
@@ -105,5 +107,6 @@ def test_two_stage_recipe_writes_results_and_reuses_baseline(tmp_path: Path, tin
     stages2 = {r["stage"] for r in read_jsonl(Path(cfg2.output_dir) / "results.jsonl") if "epoch" in r}
     assert stages2 == {"fused"}  # the continued Transformer is cached too
     assert summary2["baseline"]["test_bleu"] == summary["baseline"]["test_bleu"]
-    assert "reused_from" in summary2["transformer"] and summary2["transformer"]["test_bleu"] == summary["transformer"]["test_bleu"]
+    assert "reused_from" in summary2["transformer"]
+    assert summary2["transformer"]["test_bleu"] == summary["transformer"]["test_bleu"]
     assert summary2["equal_budget"]["paired_bootstrap"]["bleu"]["baseline"] == bs["baseline"]

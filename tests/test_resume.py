@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from bertnmt.core.config import Config, TrainerConfig
-from bertnmt.data.batching import TokenBatchSampler
 from bertnmt.core.errors import ConfigError
+from bertnmt.data.batching import TokenBatchSampler
 from bertnmt.train.rundir import LOCK, find_unfinished, open_run_dir, release, save_config
 from tiny_encoder import make_tiny_bert
 from train_cli import popen_train, run_train
@@ -96,7 +96,8 @@ def straight(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_kill9_mid_epoch_then_the_same_command_resumes_bit_exactly(corpus: Path, straight: Path, tmp_path: Path) -> None:
+def test_kill9_mid_epoch_then_the_same_command_resumes_bit_exactly(corpus: Path, straight: Path,
+                                                                  tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     cmd = args(corpus, runs, corpus / "cache")
     proc = popen_train(cmd, tmp_path / "first.log")
@@ -161,7 +162,8 @@ def test_two_stage_recipe_continues_each_stage_and_never_retrains_a_finished_one
     proc.send_signal(signal.SIGKILL)
     proc.wait(600)
     second = (tmp_path / "2.log").read_text()
-    assert "[baseline] resumed from" in second and "[baseline] epoch 1 step 0 |" not in second  # continued, not restarted
+    # continued, not restarted
+    assert "[baseline] resumed from" in second and "[baseline] epoch 1 step 0 |" not in second
     run = only_run(runs)
     assert (run / "stage_baseline.json").is_file() and not (run / "stage_fused.json").exists()
     baseline_files = {p: p.stat().st_mtime_ns for p in (run / "checkpoints" / "baseline").iterdir()}
@@ -171,7 +173,8 @@ def test_two_stage_recipe_continues_each_stage_and_never_retrains_a_finished_one
     assert only_run(runs) == run
     assert "reusing the cached baseline" in out.stdout and "[baseline]" not in out.stdout  # not trained again
     assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints" / "baseline").iterdir()} == baseline_files
-    assert [(r["stage"], r["epoch"]) for r in epochs(run)] == [("baseline", 1), ("baseline", 2), ("fused", 1), ("fused", 2)]
+    assert [(r["stage"], r["epoch"]) for r in epochs(run)] == [("baseline", 1), ("baseline", 2), ("fused", 1),
+                                                              ("fused", 2)]
     assert [r["train_loss"] for r in epochs(run)] == [r["train_loss"] for r in epochs(straight)]
     assert_same(final(run, "baseline", "checkpoint_best.pt"), final(straight, "baseline", "checkpoint_best.pt"))
     assert_same(final(run, "fused"), final(straight, "fused"))
@@ -225,8 +228,8 @@ def test_a_run_held_by_a_live_process_is_not_resumed(tmp_path: Path) -> None:
     old, new = tmp_path / "a", tmp_path / "b"
     old.mkdir()
     save_config(config(old), old)
-    code = f"import sys, time; from pathlib import Path; from bertnmt.train.rundir import acquire; acquire(Path({str(old)!r})); " \
-           "print('locked', flush=True); time.sleep(30)"
+    code = ("import sys, time; from pathlib import Path; from bertnmt.train.rundir import acquire; "
+            f"acquire(Path({str(old)!r})); print('locked', flush=True); time.sleep(30)")
     sleeper = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
@@ -271,7 +274,8 @@ def test_two_commands_started_at_once_after_a_kill_lose_nothing(corpus: Path, tm
     """After a kill -9, the same command started twice at once: one process resumes the killed run, the other
     starts its own run or is refused in one line; neither removes a folder or file the other one uses."""
     runs = tmp_path / "runs"
-    base = [a for a in args(corpus, runs, corpus / "cache") if not a.startswith(("hydra.run.dir=", "trainer.max_epochs="))]
+    base = [a for a in args(corpus, runs, corpus / "cache")
+            if not a.startswith(("hydra.run.dir=", "trainer.max_epochs="))]
     base.append("trainer.max_epochs=2")
     old = runs / "old"
     proc = popen_train([*base, f"hydra.run.dir={old}"], tmp_path / "first.log")
@@ -281,14 +285,14 @@ def test_two_commands_started_at_once_after_a_kill_lose_nothing(corpus: Path, tm
 
     folders = [runs / "new", runs / "new"] if shared else [runs / "new_a", runs / "new_b"]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [popen_train([*base, f"hydra.run.dir={f}"], log) for f, log in zip(folders, logs)]
+    procs = [popen_train([*base, f"hydra.run.dir={f}"], log) for f, log in zip(folders, logs, strict=True)]
     codes = [p.wait(600) for p in procs]
     texts = [log.read_text() for log in logs]
     assert set(codes) <= {0, 2} and 0 in codes, texts
     resumed = [t for t in texts if f"resuming the unfinished run in {old}" in t]
     assert len(resumed) == 1, texts  # the killed run is continued by exactly one of them
     assert (old / "summary.json").is_file() and (old / "train.log").is_file() and (old / ".hydra").is_dir()
-    for code, text in zip(codes, texts):
+    for code, text in zip(codes, texts, strict=True):
         assert "Traceback" not in text, text
         if code == 2:
             errors = [line for line in text.splitlines() if line.startswith("error:")]

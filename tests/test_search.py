@@ -1,15 +1,14 @@
 """Greedy / beam search: incremental = full pass, beam 1 = greedy, batching, an overfit copy task."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bertnmt.core.config import BertConfig, ModelConfig
+from bertnmt.decoding.search import DecodeOptions, _topk_rows, beam_search, greedy_search
 from bertnmt.model import BertFusedTransformer, PretrainedEncoder
 from bertnmt.model.nmt import EncoderOut
-from bertnmt.decoding.search import DecodeOptions, _topk_rows, beam_search, greedy_search
 
 try:
     from tests.tiny_encoder import make_tiny_bert
@@ -157,7 +156,7 @@ def test_beam5_nbest_sorted_clean_and_bounded(bert, copy_model, trained):
     src, bert_ids, bert_mask = batch(sents)
     hyps = beam_search(model, src, bert_ids, bert_mask, DecodeOptions(beam=5, nbest=3, max_len_a=1.5, max_len_b=3))
     assert len(hyps) == len(sents)
-    for s, nb in zip(sents, hyps):
+    for s, nb in zip(sents, hyps, strict=True):
         assert len(nb) == 3
         scores = [score for _, score in nb]
         assert scores == sorted(scores, reverse=True)

@@ -13,14 +13,14 @@ import sacrebleu
 import torch
 from safetensors.torch import load_file
 
-from bertnmt.train.averaging import average_checkpoints, last_checkpoints
-from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from bertnmt.core.errors import CheckpointError, ConfigError, DataError
 from bertnmt.inference.evaluate import evaluate
 from bertnmt.inference.loading import load_model
+from bertnmt.inference.translator import format_hypotheses
 from bertnmt.recipe.export import export_model
 from bertnmt.recipe.pipeline import run
-from bertnmt.inference.translator import format_hypotheses
+from bertnmt.train.averaging import average_checkpoints, last_checkpoints
+from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from conftest import MIRROR_DIR
 from tiny_encoders import make_encoder, tiny_config
 
@@ -94,8 +94,8 @@ def test_incomplete_export_and_another_encoder_are_refused(trained: dict, tmp_pa
 
 def test_export_of_a_trained_encoder_includes_its_weights(trained: dict, tmp_path: Path) -> None:
     ckpt = load_checkpoint(trained["run"] / "checkpoints" / "fused" / "checkpoint_best.pt")
-    from bertnmt.model.pretrained import PretrainedEncoder
     from bertnmt.core.config import BertConfig
+    from bertnmt.model.pretrained import PretrainedEncoder
 
     enc = PretrainedEncoder(BertConfig(path=trained["bert"]))
     torch.manual_seed(5)
@@ -144,7 +144,7 @@ def test_evaluate_paper_style_on_files(trained: dict, tmp_path: Path) -> None:
 def test_nbest_is_sorted_and_its_best_is_the_1best(trained: dict) -> None:
     tr = load_model(trained["run"] / "export")
     nbest = tr.translate_nbest(trained["src"][:4], beam=3, nbest=3)
-    for hyps, best in zip(nbest, trained["hyps"][:4]):
+    for hyps, best in zip(nbest, trained["hyps"][:4], strict=True):
         assert len(hyps) == 3 and hyps[0].text == best
         scores = [h.score for h in hyps]
         assert scores == sorted(scores, reverse=True)
@@ -229,7 +229,8 @@ def test_scripts_print_scores_and_one_line_errors(trained: dict, tmp_path: Path,
     for name, args, msg in [
         ("evaluate", [str(tmp_path / "missing")], "error: "),
         ("evaluate", [export, "--split", "dev"], "error: split 'dev' is not one of train, valid, test"),
-        ("translate", [export, "--beam", "2", "--nbest", "3"], "error: nbest=3 must be between 1 and the beam size (2)"),
+        ("translate", [export, "--beam", "2", "--nbest", "3"],
+         "error: nbest=3 must be between 1 and the beam size (2)"),
         ("translate", [export, "-i", str(tmp_path / "no.txt")], "no.txt: file not found"),
         ("average_checkpoints", [str(trained["run"]), "--last", "9", "--out", str(tmp_path / "x.pt")],
          "asked for the last 9"),

@@ -8,7 +8,6 @@ runs on it in a second or two.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -33,11 +32,11 @@ def write_corpus(root: Path, n_train: int = 30, n_eval: int = 5) -> dict[str, Pa
 
 def make_run(root: Path) -> Path:
     """A run folder (``config.yaml``, ``checkpoints/baseline/checkpoint_best.pt``) and its ``export/``."""
-    from bertnmt.train.checkpoint import model_weights, save_checkpoint
-    from bertnmt.core.config import Config, DataConfig, ModelConfig
+    from bertnmt.core.config import Config, DataConfig, ModelConfig, plain
     from bertnmt.data.prepare import prepare_data
-    from bertnmt.recipe.export import export_model
     from bertnmt.model.build import make_model
+    from bertnmt.recipe.export import export_model
+    from bertnmt.train.checkpoint import model_weights, save_checkpoint
 
     files = write_corpus(root / "corpus")
     custom = {split: {"src": str(files[f"{split}.src"]), "tgt": str(files[f"{split}.tgt"])}
@@ -55,7 +54,7 @@ def make_run(root: Path) -> Path:
     model = make_model(cfg, len(data.vocab), data.vocab.pad_id)
     run.mkdir(parents=True)
     OmegaConf.save(OmegaConf.structured(cfg), run / "config.yaml")
-    meta = {"config": asdict(cfg), "model": asdict(cfg.model), "data_key": data.key,
+    meta = {"config": plain(cfg), "model": plain(cfg.model), "data_key": data.key,
             "vocab_sha256": data.vocab.sha256, "vocab_size": len(data.vocab)}
     save_checkpoint(run / "checkpoints" / "baseline" / "checkpoint_best.pt",
                     {"model": model_weights(model, include_bert=False), "epoch": 1, "step": 10, "meta": meta})

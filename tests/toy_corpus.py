@@ -31,4 +31,5 @@ def write_toy_corpus(folder: str | Path, n_train: int = 300, n_valid: int = 20, 
 
 def custom_overrides(custom: dict[str, dict[str, str]]) -> list[str]:
     """Hydra overrides that select these files as ``data=custom``."""
-    return ["data=custom"] + [f"+data.custom.{s}.{side}={p}" for s, sides in custom.items() for side, p in sides.items()]
+    return ["data=custom"] + [f"+data.custom.{s}.{side}={p}"
+                              for s, sides in custom.items() for side, p in sides.items()]

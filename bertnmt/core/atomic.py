@@ -20,9 +20,10 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from bertnmt.core.errors import ConfigError, OutputError
 

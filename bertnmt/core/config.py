@@ -8,10 +8,109 @@ library function below takes these dataclasses, never a ``DictConfig``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+
+_C = TypeVar("_C", bound="Choice")
+
+
+class Choice(str, Enum):
+    """A config value from a fixed set.
+
+    Members are named by their values, so YAML files and command-line overrides spell them as plain
+    words, and OmegaConf rejects any other word when Hydra composes the config. Members are also
+    ``str``: they print, format and JSON-encode as their value and compare equal to it.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def choices(cls) -> str:
+        return ", ".join(m.value for m in cls)
+
+    @classmethod
+    def parse(cls: type[_C], value: Any, key: str) -> _C:
+        """``value`` (a member or its value) as a member; a ConfigError naming ``key`` otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise _config_error(f"{key}={value!r} is not one of {cls.choices()}") from None
+
+
+class FusionCombine(Choice):
+    """``model.fusion_combine``: how a layer combines its BERT attention with its other attention."""
+
+    average = "average"
+    stacked = "stacked"
+
+
+class BertInput(Choice):
+    """``model.bert_input``: how the pretrained encoder's output H_B enters the NMT model."""
+
+    fused = "fused"
+    embedding = "embedding"
+    replace = "replace"
+
+
+class Features(Choice):
+    """``bert.features``: the pretrained encoder's H_B, or the random control of the same shape."""
+
+    pretrained = "pretrained"
+    random = "random"
+
+
+class FeatureCache(Choice):
+    """``bert.cache_features``: cache the frozen encoder's H_B on disk when it fits, or never."""
+
+    auto = "auto"
+    off = "off"
+
+
+class Policy(Choice):
+    """``freeze.policy``: a preset of freeze rules, or ``rules`` alone (see :mod:`bertnmt.freeze_rules`)."""
+
+    frozen = "frozen"
+    finetune = "finetune"
+    unfreeze_after = "unfreeze_after"
+    gradual = "gradual"
+    nmt_frozen = "nmt_frozen"
+    rules = "rules"
+
+
+class Unit(Choice):
+    """``freeze.unit``: epochs (1-based) or optimizer steps (0-based), the unit of every freeze window."""
+
+    epoch = "epoch"
+    step = "step"
+
+
+class Metric(Choice):
+    """``trainer.early_stop.metric``: the validation loss (lower is better) or greedy BLEU (higher is better)."""
+
+    loss = "loss"
+    bleu = "bleu"
+
+
+class Precision(Choice):
+    """``trainer.precision``: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 or fp32."""
+
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class ScratchBudget(Choice):
+    """``warm_start.scratch_budget``: the budget of a run that does not warm-start."""
+
+    stage = "stage"
+    total = "total"
 
 
 @dataclass
@@ -35,11 +134,11 @@ class ModelConfig:
     fuse_encoder: bool = True
     fuse_decoder: bool = True
     drop_net: float = 1.0  # p_net; the paper's best is 1.0 (section 6, drop-net study)
-    # Ablations (paper section 6; bertnmt/model/variants.py checks the values):
+    # Ablations (paper section 6; bertnmt/model/variants.py checks how they combine):
     # how a layer combines its BERT attention with the other attention (self- or encoder-decoder):
     # "average" (paper eqs. 1 and 3, with drop-net) | "stacked" (the other attention, then BERT attention,
     # each with its own residual and LayerNorm; drop-net does not apply; paper: 29.35 vs 30.45 BLEU).
-    fusion_combine: str = "average"
+    fusion_combine: FusionCombine = FusionCombine.average
     # which layers get BERT attention, in the encoder and in the decoder: "all" (paper) | "first:K" | "last:K";
     # the other layers are plain Transformer layers (no bert_attn module).
     fuse_layers: str = "all"
@@ -51,7 +150,11 @@ class ModelConfig:
     #   "replace"   the pretrained encoder IS the NMT encoder (fine-tune it with freeze=finetune); the decoder
     #               attends to H_B (key width = its hidden size); no NMT encoder, no BERT attention
     #               (paper section 3, Table 1, "BERT initialises the encoder": 27.14 BLEU).
-    bert_input: str = "fused"
+    bert_input: BertInput = BertInput.fused
+
+    def __post_init__(self) -> None:
+        self.fusion_combine = FusionCombine.parse(self.fusion_combine, "model.fusion_combine")
+        self.bert_input = BertInput.parse(self.bert_input, "model.bert_input")
 
 
 @dataclass
@@ -70,7 +173,7 @@ class BertConfig:
     layer_mix: bool = False
     # "pretrained" | "random": control that H_B carries the gain. "random" replaces H_B by standard normal
     # vectors of the same shape, fixed per sentence (seeded by its encoder token ids and random_seed).
-    features: str = "pretrained"
+    features: Features = Features.pretrained
     # control: the same architecture with randomly initialised weights (built from the model's config with
     # seed random_seed, so the frozen encoder, which checkpoints do not store, is rebuilt identically).
     random_init: bool = False
@@ -79,8 +182,12 @@ class BertConfig:
     trust_remote_code: bool = False
     # Frozen-encoder feature cache (bertnmt.data.features): auto = H_B computed once per sentence,
     # fp16 on disk under the data cache, when it fits the budget; off = always computed on the fly.
-    cache_features: str = "auto"
+    cache_features: FeatureCache = FeatureCache.auto
     cache_budget_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        self.features = Features.parse(self.features, "bert.features")
+        self.cache_features = FeatureCache.parse(self.cache_features, "bert.cache_features")
 
 
 @dataclass
@@ -98,8 +205,8 @@ class FreezeRule:
 
     match: str = ""  # required: an empty match is a ConfigError
     frozen: bool = True
-    start: Optional[int] = None
-    end: Optional[int] = None
+    start: int | None = None
+    end: int | None = None
     lr_mult: float = 1.0
     warmup: int = 0
 
@@ -108,15 +215,19 @@ class FreezeRule:
 class FreezeConfig:
     """What trains, and when. Interpreted by :mod:`bertnmt.train.freeze` alone (see README, "Freezing")."""
 
-    policy: str = "frozen"  # frozen | finetune | unfreeze_after | gradual | nmt_frozen | rules
-    unit: str = "epoch"  # epoch (1-based) | step (0-based optimizer updates): the unit of every window
+    policy: Policy = Policy.frozen
+    unit: Unit = Unit.epoch  # epoch (1-based) | step (0-based optimizer updates): the unit of every window
     bert_lr_mult: float = 1.0  # the pretrained encoder's lr multiplier whenever it trains
-    unfreeze_at: Optional[int] = None  # unfreeze_after: the encoder trains from here; gradual: its top layer does
+    unfreeze_at: int | None = None  # unfreeze_after: the encoder trains from here; gradual: its top layer does
     warmup: int = 0  # unfreeze_after / gradual: linear lr warm-up over this many units after each unfreeze
     every: int = 1  # gradual: one more encoder layer (top down, then its embeddings) every `every` units
-    until: Optional[int] = None  # nmt_frozen: the NMT part is fixed before this position (null = always)
+    until: int | None = None  # nmt_frozen: the NMT part is fixed before this position (null = always)
     rules: list[FreezeRule] = field(default_factory=list)  # policy=rules; with a preset, appended to its rules
     dry_run: bool = False  # print what trains at each epoch (or switch step) and exit, without data
+
+    def __post_init__(self) -> None:
+        self.policy = Policy.parse(self.policy, "freeze.policy")
+        self.unit = Unit.parse(self.unit, "freeze.unit")
 
 
 @dataclass
@@ -125,7 +236,7 @@ class DataConfig:
     src_lang: str = "en"
     tgt_lang: str = "de"
     # Local mirror of the upstream files; null = download from upstream.
-    mirror: Optional[str] = None
+    mirror: str | None = None
     cache_dir: str = "data/cache"
     # custom corpus: split -> {src: path, tgt: path}
     custom: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -134,9 +245,9 @@ class DataConfig:
     split_seed: int = 1  # for corpora shipped as one file (tatoeba)
     valid_size: int = 300
     test_size: int = 300
-    train_limit: Optional[int] = None  # keep the first N training pairs (smoke runs)
-    valid_limit: Optional[int] = None
-    test_limit: Optional[int] = None
+    train_limit: int | None = None  # keep the first N training pairs (smoke runs)
+    valid_limit: int | None = None
+    test_limit: int | None = None
     max_tokens: int = 4096  # token budget per batch (source, target and encoder lengths)
     # training batches' lengths are padded to a multiple of this (few distinct shapes for torch.compile and
     # CUDA graphs); 0 = auto: 8 on CUDA or with trainer.compile, else 1 (padding costs ~15% on the CPU)
@@ -162,8 +273,12 @@ class EarlyStopConfig:
     checkpoint is chosen by the same metric. Read by :func:`bertnmt.train.early_stop.early_stop_epoch`."""
 
     patience: int = 0  # 0 = off: train to trainer.max_epochs
-    metric: str = "loss"  # loss (validation label-smoothed loss, lower is better) | bleu (greedy validation BLEU)
+    # loss (validation label-smoothed loss, lower is better) | bleu (greedy validation BLEU)
+    metric: Metric = Metric.loss
     min_delta: float = 0.0  # an epoch improves only when it beats the best so far by more than this
+
+    def __post_init__(self) -> None:
+        self.metric = Metric.parse(self.metric, "trainer.early_stop.metric")
 
 
 @dataclass
@@ -173,7 +288,7 @@ class TrainerConfig:
     accum_steps: int = 1
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32
+    precision: Precision = Precision.auto  # auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32
     log_every: int = 50
     valid_bleu: bool = True  # greedy BLEU on the validation split (besides its loss, which is every epoch)
     valid_bleu_every: int = 1  # BLEU every N epochs, and always after the stage's last epoch
@@ -188,6 +303,9 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model for training (worth it on a GPU; see docs/benchmarks.md)
     dist_timeout_min: int = 60  # torchrun: how long a rank waits for the others (e.g. rank 0's data preparation)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+
+    def __post_init__(self) -> None:
+        self.precision = Precision.parse(self.precision, "trainer.precision")
 
 
 @dataclass
@@ -208,17 +326,20 @@ class EvalConfig:
 class WarmStartConfig:
     """Paper section 5: the NMT part starts from a plain Transformer of the same vocabulary."""
 
-    path: Optional[str] = None  # a checkpoint; null with auto=true trains (or reuses) a baseline
+    path: str | None = None  # a checkpoint; null with auto=true trains (or reuses) a baseline
     auto: bool = False
     max_epochs: int = 10  # epochs of the automatically trained baseline
     max_steps: int = 0
     # The budget of a run that does NOT warm-start: "stage" = trainer.max_epochs / max_steps; "total" =
     # warm_start.max_epochs + trainer.max_epochs (and max_steps likewise), the epochs of baseline + fused stage
     # together. The ablations' from-scratch rows use "total", so they train as long as the warm-started rows.
-    scratch_budget: str = "stage"
+    scratch_budget: ScratchBudget = ScratchBudget.stage
     # Also train the plain Transformer continued from the same warm start for exactly as many updates as
     # the fused stage made (stage "transformer"), so that the run's summary compares equal budgets.
     compare: bool = False
+
+    def __post_init__(self) -> None:
+        self.scratch_budget = ScratchBudget.parse(self.scratch_budget, "warm_start.scratch_budget")
 
 
 @dataclass
@@ -251,6 +372,17 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, Config)
     return obj
+
+
+def plain(obj: Any) -> dict[str, Any]:
+    """A config dataclass as a dict of plain values (every choice as its word), as ``dataclasses.asdict``
+    otherwise: what checkpoints (loaded with ``weights_only=True``, which refuses enum objects) and JSON store."""
+    return asdict(obj, dict_factory=lambda items: {k: v.value if isinstance(v, Enum) else v for k, v in items})
+
+
+def to_plain_container(cfg: Any) -> dict[str, Any]:
+    """A ``Config`` (or a part of it) as OmegaConf's plain container, choices as their words."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -295,7 +427,6 @@ def check_values(cfg: Config) -> None:
     _require(t.max_nonfinite_in_row >= 0, "trainer.max_nonfinite_in_row", t.max_nonfinite_in_row,
              "must not be negative (0 = never stop)")
     es = t.early_stop
-    _require(es.metric in ("loss", "bleu"), "trainer.early_stop.metric", es.metric, "is not one of loss, bleu")
     _require(es.patience >= 0, "trainer.early_stop.patience", es.patience, "must not be negative (0 = off)")
     _require(es.min_delta >= 0, "trainer.early_stop.min_delta", es.min_delta, "must not be negative")
     _require(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device)), "trainer.device", t.device,

@@ -7,9 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
-from bertnmt.core.errors import ConfigError
-
-PRECISIONS = ("auto", "bf16", "fp32")
+from bertnmt.core.config import Precision
 
 
 def pick_device(name: str) -> torch.device:
@@ -19,12 +17,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str = "auto") -> torch.autocast | nullcontext:
+def autocast(device: torch.device, precision: Precision | str = Precision.auto) -> torch.autocast | nullcontext:
     """``trainer.precision``: auto = bf16 autocast on CUDA, fp32 on the CPU (faster there, see
-    docs/benchmarks.md); bf16 = autocast on any device; fp32 = none."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    docs/benchmarks.md); bf16 = autocast on any device; fp32 = none. A plain word is read as its member."""
+    precision = Precision.parse(precision, "trainer.precision")
+    if precision == Precision.bf16 or (precision == Precision.auto and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 

@@ -1,4 +1,7 @@
 """User-facing errors: each is printed as one line by the entry points, never as a traceback."""
+from __future__ import annotations
+
+import re
 
 
 class BertNMTError(Exception):
@@ -37,7 +40,11 @@ class OutputError(BertNMTError):
     """An output file cannot be written (a full disk, a read-only folder); the message names the path."""
 
 
-_NOISE = ("full_key:", "reference_type=", "object_type=", "See https://", "Set the environment variable HYDRA_FULL_ERROR")
+# OmegaConf's report of a value outside a Choice's set, rewritten as "key='value' is not one of a, b"
+_CHOICE = re.compile(r"Invalid value '(?P<value>.*)', expected one of \[(?P<names>.*)\]\n\s*full_key: (?P<key>\S+)")
+_COMPOSING = re.compile(r"\w+ raised while composing config:\n")
+_NOISE = ("full_key:", "reference_type=", "object_type=", "See https://",
+          "Set the environment variable HYDRA_FULL_ERROR")
 
 
 def one_line(exc: BaseException) -> str:
@@ -50,7 +57,9 @@ def one_line(exc: BaseException) -> str:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        for line in str(e).splitlines():
+        text = _CHOICE.sub(lambda m: f"{m['key']}={m['value']!r} is not one of {m['names']}", str(e))
+        text = _COMPOSING.sub("", text)  # "In 'exp/x': ValidationError raised while composing config:\n..."
+        for line in text.splitlines():
             text = line.strip()
             if text.startswith("full_key:") and text[9:].strip():
                 keys.append(text[9:].strip())
@@ -70,6 +79,8 @@ def one_line(exc: BaseException) -> str:
             parts.append(options[0] + " " + ", ".join(options[1:]))
             options = []
         e = e.__cause__
+    named = {p.split("=", 1)[0] for p in parts if " is not one of " in p}
+    parts = [p for p in parts if not any(p.startswith(f"Error merging override {k}=") for k in named)]
     out = "; ".join(parts) or type(exc).__name__
     missing = [k for k in dict.fromkeys(keys) if k not in out]
     return out + (f" (key {', '.join(missing)})" if missing else "")

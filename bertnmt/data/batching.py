@@ -86,8 +86,9 @@ class TokenBatchSampler(Sampler[list[int]]):
             batches = self._make_batches()
             if self.world_size > 1:
                 if len(batches) < self.world_size:
-                    raise ConfigError(f"the training split makes {len(batches)} batches of data.max_tokens={self.max_tokens} "
-                                      f"for {self.world_size} processes; lower data.max_tokens or use fewer processes")
+                    raise ConfigError(f"the training split makes {len(batches)} batches of "
+                                      f"data.max_tokens={self.max_tokens} for {self.world_size} processes; "
+                                      "lower data.max_tokens or use fewer processes")
                 usable = len(batches) - len(batches) % self.world_size  # drop the remainder: equal counts
                 batches = batches[self.rank:usable:self.world_size]
             self._batches = batches
@@ -101,7 +102,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         batches: list[list[int]] = []
         current: list[int] = []
         width = 0
-        for i, w in zip(order.tolist(), self.widths[order].tolist()):
+        for i, w in zip(order.tolist(), self.widths[order].tolist(), strict=True):
             # ascending widths: adding i makes the batch width w
             if current and (len(current) + 1) * max(width, w) > self.max_tokens:
                 batches.append(current)

@@ -61,7 +61,7 @@ class Batch:
     def __len__(self) -> int:
         return self.src.size(0)
 
-    def _map(self, fn: Any) -> "Batch":
+    def _map(self, fn: Any) -> Batch:
         opt = lambda t: None if t is None else fn(t)  # noqa: E731
         return Batch(
             src=fn(self.src),
@@ -76,10 +76,10 @@ class Batch:
             out_tgt=opt(self.out_tgt),
         )
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Called by ``DataLoader(pin_memory=True)``."""
         return self._map(lambda t: t.pin_memory())
 
@@ -117,7 +117,7 @@ def collate(
     ``pad_multiple``: every length (S, T, E) is rounded up to a multiple of it, so that a training run sees
     a few distinct shapes (what ``torch.compile`` and CUDA graphs need) at the cost of some padding."""
     m = max(1, pad_multiple)
-    indices, src, tgt, enc, feats = zip(*samples)
+    indices, src, tgt, enc, feats = zip(*samples, strict=True)
     tgt_out = _pad(list(tgt), pad_id, suffix=eos_id, multiple=m)  # (B, T)
     bert_ids = bert_mask = None
     if enc[0] is not None:

@@ -13,9 +13,9 @@ import os
 import unicodedata
 import urllib.request
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -165,7 +165,8 @@ def fetch(file: RemoteFile, cfg: DataConfig) -> Path:
             with zipfile.ZipFile(io.BytesIO(payload)) as zf:
                 payload = zf.read(file.member)
     except (OSError, zipfile.BadZipFile, KeyError) as e:
-        raise DataError(f"could not download {file.url} ({e}); set data.mirror or {MIRROR_ENV} to a local copy")
+        raise DataError(f"could not download {file.url} ({e}); "
+                        f"set data.mirror or {MIRROR_ENV} to a local copy") from None
     actual = hashlib.sha256(payload).hexdigest()
     if actual != file.sha256:
         raise DataError(f"{file.url}: sha256 mismatch, expected {file.sha256}, got {actual}")
@@ -269,7 +270,8 @@ def _read_parallel(src: Path, tgt: Path, scored: bool = False) -> tuple[Pairs, i
         _check_no_gaps(src, tgt, src_lines, tgt_lines)
     pairs, empty = _drop_empty(src_lines, tgt_lines)
     if not pairs[0]:
-        raise DataError(f"{src} and {tgt} hold no sentence pairs ({len(src_lines)} lines, all empty on one side or both)")
+        raise DataError(f"{src} and {tgt} hold no sentence pairs "
+                        f"({len(src_lines)} lines, all empty on one side or both)")
     return pairs, empty
 
 
@@ -277,7 +279,7 @@ def _check_no_gaps(src: Path, tgt: Path, src_lines: list[str], tgt_lines: list[s
     end = len(src_lines)
     while end and not src_lines[end - 1].strip() and not tgt_lines[end - 1].strip():
         end -= 1
-    for n, (s, t) in enumerate(zip(src_lines[:end], tgt_lines[:end]), start=1):
+    for n, (s, t) in enumerate(zip(src_lines[:end], tgt_lines[:end], strict=True), start=1):
         if not s.strip() or not t.strip():
             raise DataError(f"{src if not s.strip() else tgt}: line {n} is empty; the hypotheses of a valid or test "
                             "split must stay aligned with its lines, so remove the pair from both files")
@@ -285,7 +287,7 @@ def _check_no_gaps(src: Path, tgt: Path, src_lines: list[str], tgt_lines: list[s
 
 def _drop_empty(src_lines: list[str], tgt_lines: list[str]) -> tuple[Pairs, int]:
     src_out, tgt_out = [], []
-    for s, t in zip(src_lines, tgt_lines):
+    for s, t in zip(src_lines, tgt_lines, strict=True):
         s, t = normalise(s), normalise(t)
         if s and t:
             src_out.append(s)
@@ -312,7 +314,7 @@ def group_split(src: list[str], tgt: list[str], held: dict[str, int], seed: int)
         return i
 
     first: dict[tuple[int, str], int] = {}
-    for i, pair in enumerate(zip(src, tgt)):
+    for i, pair in enumerate(zip(src, tgt, strict=True)):
         for side, text in enumerate(pair):
             j = first.setdefault((side, text), i)
             a, b = root(i), root(j)
@@ -338,7 +340,7 @@ def _read_tsv(path: Path, langs: tuple[str, ...], cfg: DataConfig) -> tuple[dict
         fields = line.split("\t") if line.strip() else [""] * len(langs)  # a blank line is an empty pair
         if len(fields) < len(langs):
             raise DataError(f"{path}: line {n} has {len(fields)} tab-separated fields, expected {len(langs)}")
-        for col, value in zip(columns, fields):
+        for col, value in zip(columns, fields, strict=False):
             col.append(value)
     src_col, tgt_col = columns[langs.index(cfg.src_lang)], columns[langs.index(cfg.tgt_lang)]
     (src, tgt), empty = _drop_empty(src_col, tgt_col)

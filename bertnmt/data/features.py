@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from bertnmt.core.atomic import atomic_dir, remove_stale_temps, temp_name
+from bertnmt.core.config import FeatureCache
 from bertnmt.data.prepare import PreparedData, Split
-from bertnmt.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +180,16 @@ def load_store(folder: Path, name: str) -> FeatureStore:
 
 
 def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: str, bert_pad_id: int,
-                  device: torch.device, budget_gb: float, mode: str = "auto",
+                  device: torch.device, budget_gb: float, mode: FeatureCache | str = FeatureCache.auto,
                   frozen: bool = True) -> dict[str, FeatureStore] | None:
     """The cached H_B of every split, built now if needed; None (on-the-fly features) when off or too big.
 
     ``frozen``: the freeze policy's word that the encoder has not trained so far
     (:meth:`~bertnmt.train.freeze.FreezePolicy.encoder_untrained`). The encoder is put in eval mode
     while computing, as the policy holds it in training. The decision is logged in one line.
+    ``mode``: ``bert.cache_features`` (a plain word is read as its member).
     """
-    if mode not in ("auto", "off"):
-        raise ConfigError(f"bert.cache_features={mode!r}: expected 'auto' or 'off'")
-    if mode == "off":
+    if FeatureCache.parse(mode, "bert.cache_features") == FeatureCache.off:
         log.info("feature cache: off (bert.cache_features=off); H_B is computed on the fly")
         return None
     if not frozen:
@@ -234,5 +233,6 @@ def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: 
     try:
         return {name: load_store(folder, name) for name in splits}
     except (OSError, ValueError) as e:
-        log.warning("feature cache: %s is unreadable (%s); H_B is computed on the fly (delete it to rebuild)", folder, e)
+        log.warning("feature cache: %s is unreadable (%s); H_B is computed on the fly (delete it to rebuild)",
+                    folder, e)
         return None

@@ -25,9 +25,9 @@ import numpy as np
 
 from bertnmt.core.atomic import atomic_dir, remove_stale_temps
 from bertnmt.core.config import DataConfig
+from bertnmt.core.errors import ConfigError, DataError
 from bertnmt.data.corpora import SPLITS, corpus_fingerprint, corpus_spec, load_corpus
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab, train_sentencepiece
-from bertnmt.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def load_ragged(stem: Path) -> list[np.ndarray]:
     if flat.dtype != np.int32 or offsets.ndim != 1 or len(offsets) == 0 or offsets[-1] != len(flat):
         raise ValueError(f"{stem}: ids and offsets do not match")
     bounds = offsets.tolist()
-    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _write_texts(path: Path, texts: list[str]) -> None:

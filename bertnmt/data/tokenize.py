@@ -19,8 +19,8 @@ from typing import Any
 
 import sentencepiece as spm
 
-from bertnmt.data.spm_bert import bert_template_fix
 from bertnmt.core.errors import ConfigError, DataError
+from bertnmt.data.spm_bert import bert_template_fix
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,8 @@ def encoder_positions(name_or_path: str, trust_remote_code: bool = False) -> int
     n = getattr(conf, "max_position_embeddings", None)
     if not isinstance(n, int) or n <= 0:
         return None
-    if getattr(conf, "model_type", "") in _POSITION_OFFSET_TYPES and isinstance(getattr(conf, "pad_token_id", None), int):
+    offset = getattr(conf, "model_type", "") in _POSITION_OFFSET_TYPES
+    if offset and isinstance(getattr(conf, "pad_token_id", None), int):
         n -= conf.pad_token_id + 1
     return n
 
@@ -260,6 +261,6 @@ class EncoderTokenizer:
             cut = self.hf(
                 [texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=self.max_length
             )["input_ids"]
-            for i, seq in zip(long, cut):
+            for i, seq in zip(long, cut, strict=True):
                 ids[i] = seq
         return [list(seq) for seq in ids], len(long)

@@ -8,20 +8,21 @@ and lets a batch's sentences finish at about the same step. It needs the model, 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from bertnmt.core.config import EvalConfig
+from bertnmt.core.devices import autocast
 from bertnmt.data.collate import collate
 from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import Split
 from bertnmt.data.tokenize import SubwordVocab
-from bertnmt.core.devices import autocast
-from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.decoding.search import DecodeOptions, Hyps, search
+from bertnmt.model.nmt import BertFusedTransformer
 
 __all__ = ["DecodeOptions", "decode_corpus", "decode_split", "head", "length_batches", "options_from_eval"]
 
@@ -52,7 +53,10 @@ def length_batches(src_lens: Sequence[int], bert_lens: Sequence[int] | None, bea
                    max_sents: int = 0) -> list[list[int]]:
     """Sentence indices cut into batches, longest first: ``beam x batch size x its longest source`` (source
     tokens + eos, or encoder tokens where longer) stays within ``max_tokens``; a longer sentence goes alone."""
-    cost = [n + 1 for n in src_lens] if bert_lens is None else [max(n + 1, e) for n, e in zip(src_lens, bert_lens)]
+    if bert_lens is None:
+        cost = [n + 1 for n in src_lens]
+    else:
+        cost = [max(n + 1, e) for n, e in zip(src_lens, bert_lens, strict=True)]
     order = sorted(range(len(cost)), key=lambda i: (-cost[i], i))
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -94,8 +98,9 @@ def decode_corpus(model: BertFusedTransformer, src_ids: Sequence[np.ndarray], be
                         features.get(i) if features is not None and enc is not None else None) for i in idx]
             b = collate(samples, bert_pad_id if enc is not None else None, opts.pad_id, opts.bos_id, opts.eos_id)
             b = b.to(device)
-            bert_features = (b.bert_feats.float(), b.bert_mask.eq(0)) if b.bert_feats is not None else None  # (B, E, Hb)
-            for i, hyps in zip(idx, search(model, b.src, b.bert_ids, b.bert_mask, opts, bert_features)):
+            feats = b.bert_feats
+            bert_features = (feats.float(), b.bert_mask.eq(0)) if feats is not None else None  # (B, E, Hb)
+            for i, hyps in zip(idx, search(model, b.src, b.bert_ids, b.bert_mask, opts, bert_features), strict=True):
                 out[i] = hyps
     model.train(was_training)
     return out

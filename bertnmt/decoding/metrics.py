@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 
 from sacrebleu.metrics import BLEU, CHRF
 
@@ -35,7 +35,7 @@ class Score:
         return asdict(self)
 
 
-@lru_cache(maxsize=None)
+@cache
 def bleu_tokenizer_for(lang: str) -> str:
     """sacreBLEU's tokenizer for a target language (its own defaults; Korean needs ``sacrebleu[ko]``).
 
@@ -50,7 +50,8 @@ def bleu_tokenizer_for(lang: str) -> str:
             BLEU(tokenize=name).corpus_score(["a"], [["a"]])
             return name
         except (RuntimeError, ImportError, OSError, AssertionError):
-            log.warning("sacreBLEU's %s tokenizer is not installed (pip install sacrebleu[%s]); using 'char'", name, lang)
+            log.warning("sacreBLEU's %s tokenizer is not installed (pip install sacrebleu[%s]); using 'char'",
+                        name, lang)
             return "char"
     return "13a"
 
@@ -80,7 +81,7 @@ class BleuOptions:
         return [tok.tokenize(t, escape=False, return_str=True) for t in texts]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _moses(lang: str):
     from sacremoses import MosesTokenizer
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bertnmt.core.config import Precision
 from bertnmt.core.errors import ConfigError
 from bertnmt.model.decoder import DecoderState
 from bertnmt.model.nmt import BertFusedTransformer
@@ -44,7 +45,7 @@ class DecodeOptions:
     # steps between the host's reads of which sentences are done (0 = 8 on CUDA, where a read stalls the
     # device queue; 1 on the CPU, where it costs nothing and dropping done sentences at once saves work)
     check_every: int = 0
-    precision: str = "auto"  # autocast: auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp32
+    precision: Precision = Precision.auto  # autocast: auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp32
     pad_id: int = 0
     unk_id: int = 1
     bos_id: int = 2
@@ -60,6 +61,7 @@ class DecodeOptions:
                 raise ConfigError(f"{key}={getattr(self, key)} must not be negative")
         if self.check_every < 0:
             raise ConfigError(f"check_every={self.check_every} must not be negative")
+        object.__setattr__(self, "precision", Precision.parse(self.precision, "precision"))  # a plain word too
 
 
 def max_lengths(src: Tensor, opts: DecodeOptions) -> Tensor:
@@ -157,7 +159,7 @@ def greedy_search(
                 state.select(keep)
     model.train(was_training)
     out, out_len = out.tolist(), out_len.tolist()
-    return [row[:n] for row, n in zip(out, out_len)]
+    return [row[:n] for row, n in zip(out, out_len, strict=True)]
 
 
 @torch.inference_mode()

@@ -45,7 +45,8 @@ def paired_bootstrap(refs: list[str], baseline: list[str], system: list[str], tg
         name = next(k for k in scores if k != "System")
         base, sys_ = scores[name]
         out[key] = {
-            "baseline": round(base.score, 2), "system": round(sys_.score, 2), "delta": round(sys_.score - base.score, 2),
+            "baseline": round(base.score, 2), "system": round(sys_.score, 2),
+            "delta": round(sys_.score - base.score, 2),
             "p_value": round(float(sys_.p_value), 4),
             "baseline_ci": _interval(base), "system_ci": _interval(sys_),
             "signature": str(sigs[name]),

@@ -5,7 +5,8 @@ chosen rows (all by default) through one Hydra multirun of ``scripts/train.py`` 
 process, ``launcher="inprocess"``), each into ``<out>/<row>/seed<k>/``. All rows share the prepared
 data cache and, for the rows that warm-start, one cached plain baseline (``pipeline.ensure_baseline``,
 keyed by :func:`bertnmt.recipe.baseline.baseline_key`, which leaves out every fusion-only setting;
-checked here before anything runs, with the same definition). A row with a ``summary.json`` is finished and skipped on the next call (resumable);
+checked here before anything runs, with the same definition). A row with a ``summary.json`` is finished
+and skipped on the next call (resumable);
 an unfinished row folder is removed and the row runs again. The report (``ablations.md`` and
 ``ablations.png``) is built by :mod:`bertnmt.experiments.ablation_report`.
 
@@ -24,12 +25,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
-from bertnmt.core.paths import CONF_DIR, PROJECT_ROOT, TRAIN_SCRIPT
 from bertnmt.core.config import Config, register_configs, to_config
 from bertnmt.core.errors import BertNMTError, ConfigError, TrainingError
+from bertnmt.core.paths import CONF_DIR, PROJECT_ROOT, TRAIN_SCRIPT
 from bertnmt.experiments.ablation_report import write_report
 from bertnmt.experiments.convergence_report import write_converged
 from bertnmt.experiments.rows import ROWS, Job, Row, is_finished, plan_jobs, row_dir  # noqa: F401 (ROWS: re-used by callers)
@@ -67,8 +68,8 @@ def _split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
     return cfg, hydra
 
 
-def compose_rows(rows: Sequence[Row], overrides: Sequence[str] = (), seeds: Sequence[Optional[int]] = (None,)
-                 ) -> dict[tuple[str, Optional[int]], Config]:
+def compose_rows(rows: Sequence[Row], overrides: Sequence[str] = (), seeds: Sequence[int | None] = (None,)
+                 ) -> dict[tuple[str, int | None], Config]:
     """The typed config of every (row, seed), as ``scripts/train.py +exp=ablation/<row> <overrides>
     trainer.seed=<seed>`` would build it (seed None: the config's own). A bad override is a ConfigError."""
     from hydra import compose, initialize_config_dir
@@ -88,12 +89,13 @@ def compose_rows(rows: Sequence[Row], overrides: Sequence[str] = (), seeds: Sequ
                     raise ConfigError(f"row {row.name} ({CONF_DIR / 'exp' / row.exp}.yaml) with overrides "
                                       f"{list(overrides)}: {first}") from e
                 if cfg.name != row.name:
-                    raise ConfigError(f"{CONF_DIR / 'exp' / row.exp}.yaml: name must be {row.name!r} (it names the row's folder)")
+                    raise ConfigError(f"{CONF_DIR / 'exp' / row.exp}.yaml: name must be {row.name!r} "
+                                      "(it names the row's folder)")
                 cfgs[row.name, seed] = cfg
     return cfgs
 
 
-def compose_row(row: Row, overrides: Sequence[str] = (), seed: Optional[int] = None) -> Config:
+def compose_row(row: Row, overrides: Sequence[str] = (), seed: int | None = None) -> Config:
     """The typed config of one row (see :func:`compose_rows`)."""
     return compose_rows([row], overrides, [seed])[row.name, seed]
 
@@ -146,7 +148,7 @@ def run_ablation(
     out: str | Path,
     rows: str | Sequence[str] | None = None,
     overrides: Sequence[str] = (),
-    seeds: Optional[Sequence[int]] = None,
+    seeds: Sequence[int] | None = None,
     launcher: str = "multirun",
     converge: bool = False,
 ) -> Path:
@@ -219,8 +221,8 @@ def run_ablation(
     return md
 
 
-def write_reports(out: str | Path, command: Optional[str] = None,
-                  jobs: Optional[list[tuple[str, int]]] = None) -> Path:
+def write_reports(out: str | Path, command: str | None = None,
+                  jobs: list[tuple[str, int]] | None = None) -> Path:
     """``ablations.md`` (and its plot) from the finished rows, and with ``jobs`` (the (row, seed) runs of a
     converged sweep) also ``converged.md``, runs not finished shown as pending; returns the ablations.md path."""
     if jobs is not None:

@@ -11,10 +11,10 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from bertnmt.experiments.rows import ROWS, Row, is_finished
 from bertnmt.core.atomic import atomic_path, write_text
+from bertnmt.experiments.rows import ROWS, Row, is_finished
 
 REFERENCE = "transformer"  # our deltas are against this row
 
@@ -30,21 +30,21 @@ class RowResult:
     epoch_time_s: list[float] = field(default_factory=list)  # mean epoch time of the final stage, per seed
     epochs: str = ""  # "3+1": baseline + own stage epochs; "4": from scratch
     start: str = ""  # "warm start", "continued", "scratch"
-    trainable_params: Optional[int] = None
-    total_params: Optional[int] = None
-    baseline_bleu: Optional[float] = None  # the shared warm-start baseline's test BLEU, when it had one
+    trainable_params: int | None = None
+    total_params: int | None = None
+    baseline_bleu: float | None = None  # the shared warm-start baseline's test BLEU, when it had one
     run_dirs: list[str] = field(default_factory=list)
     own_epochs: list[int] = field(default_factory=list)  # epochs the row's own stage trained, per seed
-    best_epochs: list[Optional[int]] = field(default_factory=list)  # its best validation epoch, per seed
+    best_epochs: list[int | None] = field(default_factory=list)  # its best validation epoch, per seed
     stops: list[str] = field(default_factory=list)  # why it ended: early_stop | max_epochs | max_steps, per seed
-    hyps: list[Optional[str]] = field(default_factory=list)  # its test hypothesis file, per seed
+    hyps: list[str | None] = field(default_factory=list)  # its test hypothesis file, per seed
 
     @property
-    def mean(self) -> Optional[float]:
+    def mean(self) -> float | None:
         return statistics.fmean(self.bleu) if self.bleu else None
 
     @property
-    def sd(self) -> Optional[float]:
+    def sd(self) -> float | None:
         return statistics.stdev(self.bleu) if len(self.bleu) > 1 else None
 
 
@@ -52,10 +52,11 @@ def _seed_of(path: Path) -> int:
     return int(path.name[len("seed"):])
 
 
-def read_row(out: Path, row: Row) -> Optional[RowResult]:
+def read_row(out: Path, row: Row) -> RowResult | None:
     """The finished seeds of one row, or None when none has finished."""
     folder = Path(out) / row.name
-    seeds = sorted((p for p in folder.glob("seed*") if p.name[4:].lstrip("-").isdigit() and is_finished(p)), key=_seed_of)
+    seeds = sorted((p for p in folder.glob("seed*") if p.name[4:].lstrip("-").isdigit() and is_finished(p)),
+                   key=_seed_of)
     if not seeds:
         return None
     res = RowResult(row)
@@ -91,7 +92,7 @@ def collect(out: Path) -> list[RowResult]:
     return [r for r in (read_row(Path(out), row) for row in ROWS) if r is not None]
 
 
-def _fmt(x: Optional[float], signed: bool = False) -> str:
+def _fmt(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "–"
     return f"{x:+.2f}" if signed else f"{x:.2f}"
@@ -105,7 +106,7 @@ def _bleu_cell(r: RowResult) -> str:
     return f"{r.mean:.2f} ± {r.sd:.2f} (n={len(r.bleu)})"
 
 
-def deltas(results: list[RowResult]) -> dict[str, Optional[float]]:
+def deltas(results: list[RowResult]) -> dict[str, float | None]:
     """Our BLEU change of every row against our Transformer row (None without it)."""
     ref = next((r.mean for r in results if r.row.name == REFERENCE), None)
     return {r.row.name: (None if ref is None or r.mean is None else r.mean - ref) for r in results}
@@ -123,12 +124,13 @@ def table_markdown(results: list[RowResult]) -> str:
                   if r.trainable_params is not None and r.total_params is not None else "–")
         lines.append(
             f"| {r.row.label} | `{r.row.exp}` | {r.start} | {r.epochs} | {_bleu_cell(r)} | {_fmt(d[r.row.name], True)} "
-            f"| {_fmt(r.row.paper_bleu)} | {_fmt(r.row.paper_delta, True)} | {_fmt(epoch).replace('–', 'n/a')} | {params} |"
+            f"| {_fmt(r.row.paper_bleu)} | {_fmt(r.row.paper_delta, True)} | {_fmt(epoch).replace('–', 'n/a')} "
+            f"| {params} |"
         )
     return "\n".join(lines)
 
 
-def plot_deltas(results: list[RowResult], path: Path) -> Optional[Path]:
+def plot_deltas(results: list[RowResult], path: Path) -> Path | None:
     """A horizontal bar chart of the BLEU deltas against the Transformer row, ours beside the paper's.
 
     Uses matplotlib's Agg canvas directly (no display, no global backend switch). None when no row has a delta.
@@ -137,7 +139,8 @@ def plot_deltas(results: list[RowResult], path: Path) -> Optional[Path]:
     from matplotlib.figure import Figure
 
     d = deltas(results)
-    rows = [r for r in results if r.row.name != REFERENCE and (d[r.row.name] is not None or r.row.paper_delta is not None)]
+    rows = [r for r in results
+            if r.row.name != REFERENCE and (d[r.row.name] is not None or r.row.paper_delta is not None)]
     if not rows:
         return None
     n = len(rows)
@@ -149,7 +152,7 @@ def plot_deltas(results: list[RowResult], path: Path) -> Optional[Path]:
     ours = [d[r.row.name] if d[r.row.name] is not None else 0.0 for r in rows]
     err = [r.sd if r.sd is not None else 0.0 for r in rows]
     ax.barh([y + h / 2 for y in ys], ours, height=h, xerr=err if any(err) else None, color="#1f77b4", label="ours")
-    paper = [(y - h / 2, r.row.paper_delta) for y, r in zip(ys, rows) if r.row.paper_delta is not None]
+    paper = [(y - h / 2, r.row.paper_delta) for y, r in zip(ys, rows, strict=True) if r.row.paper_delta is not None]
     if paper:
         ax.barh([p[0] for p in paper], [p[1] for p in paper], height=h, color="#ff7f0e", label="paper (IWSLT'14 En-De)")
     ax.axvline(0.0, color="black", linewidth=0.8)
@@ -176,7 +179,8 @@ def _setup(results: list[RowResult]) -> list[str]:
     if (run / "config.yaml").is_file():
         c: Any = OmegaConf.load(run / "config.yaml")
         lines.append(f"- data: `{c.data.corpus}` {c.data.src_lang}→{c.data.tgt_lang}, model `{c.model.name}` "
-                     f"(d {c.model.d_model}, {c.model.enc_layers}+{c.model.dec_layers} layers), encoder `{c.bert.path}`")
+                     f"(d {c.model.d_model}, {c.model.enc_layers}+{c.model.dec_layers} layers), "
+                     f"encoder `{c.bert.path}`")
         lines.append(f"- budget: baseline {c.warm_start.max_epochs} epoch(s) (`warm_start.max_epochs`), own stage "
                      f"{c.trainer.max_epochs} epoch(s) (`trainer.max_epochs`"
                      + (f", at most {c.trainer.max_steps} updates" if c.trainer.max_steps else "")
@@ -191,7 +195,7 @@ def _setup(results: list[RowResult]) -> list[str]:
     return lines
 
 
-def write_report(out: str | Path, command: Optional[str] = None) -> Path:
+def write_report(out: str | Path, command: str | None = None) -> Path:
     """Write ``<out>/ablations.md`` and ``<out>/ablations.png`` from the finished rows; returns the .md path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from bertnmt.core.paths import PROJECT_ROOT
 from bertnmt.core.devices import autocast, peak_memory_mb
+from bertnmt.core.paths import PROJECT_ROOT
 from bertnmt.experiments.bench_report import device_name, report
 from bertnmt.experiments.bench_spec import DECODE_VARIANTS, TRAIN_VARIANTS, BenchSpec, compose_cfg
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -46,13 +47,14 @@ def _autocast(spec: BenchSpec, device: torch.device):
 
 def _setup(spec: BenchSpec, variant: str):
     """Data (with encoder ids), the fused or plain model, its policy and cached features, the device."""
+    from bertnmt.core.config import FeatureCache, Policy
     from bertnmt.data.features import feature_cache
     from bertnmt.data.prepare import add_encoder_view, prepare_data
     from bertnmt.data.tokenize import EncoderTokenizer
-    from bertnmt.train.freeze import FreezePolicy
+    from bertnmt.model.build import weights_sha256
     from bertnmt.model.nmt import BertFusedTransformer
     from bertnmt.model.pretrained import PretrainedEncoder
-    from bertnmt.model.build import weights_sha256
+    from bertnmt.train.freeze import FreezePolicy
 
     cfg = compose_cfg(spec)
     device = torch.device(spec.device)
@@ -67,13 +69,13 @@ def _setup(spec: BenchSpec, variant: str):
         if spec.random_bert:
             bert.model = type(bert.model)(bert.model.config)  # same architecture, random weights
     model = BertFusedTransformer(replace(cfg.model, fused=fused), len(data.vocab), data.vocab.pad_id, bert)
-    policy = FreezePolicy(replace(cfg.freeze, policy="finetune" if variant == "fused_finetune" else "frozen"))
+    policy = FreezePolicy(replace(cfg.freeze, policy=Policy.finetune if variant == "fused_finetune" else Policy.frozen))
     policy.apply(model, epoch=1, step=0)
     model.to(device)
     features = None
     if variant == "fused_cached":
         features = feature_cache(model.bert, data, weights_sha256(model.bert), tok.pad_id, device,
-                                 cfg.bert.cache_budget_gb, "auto", policy.encoder_untrained(model))
+                                 cfg.bert.cache_budget_gb, FeatureCache.auto, policy.encoder_untrained(model))
         if features is None:
             raise RuntimeError("the feature cache did not fit its budget")
     return cfg, data, tok, model, policy, features, device
@@ -137,9 +139,10 @@ def _bench_trainer(spec: BenchSpec, cfg, data, tok, model, policy, features):
     """The Trainer of a training stage over the bench's data (its run folder is a temporary one)."""
     import tempfile
 
+    from bertnmt.core.config import Precision
     from bertnmt.train.trainer import Trainer, model_uses_bert
 
-    precision = "bf16" if spec.bf16 else cfg.trainer.precision
+    precision = Precision.bf16 if spec.bf16 else cfg.trainer.precision
     cfg = replace(cfg, trainer=replace(cfg.trainer, compile=spec.compile, precision=precision, seed=1,
                                        save_every_steps=0, max_steps=0))
     run_dir = Path(tempfile.mkdtemp(prefix="bertnmt-bench-"))
@@ -253,6 +256,7 @@ def decode_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     length-sorted token-budget batches); MarianMTModel's ``generate`` on the same batches."""
     import numpy as np
 
+    from bertnmt.core.config import Precision
     from bertnmt.data.collate import collate
     from bertnmt.data.features import FeatureStore
     from bertnmt.decoding.loop import DEFAULT_MAX_TOKENS, DecodeOptions, decode_corpus, head, length_batches
@@ -267,7 +271,7 @@ def decode_variant(spec: BenchSpec, variant: str) -> dict[str, Any]:
     L, pad = spec.decode_len, data.vocab.pad_id
     opts = DecodeOptions(beam=spec.beam, lenpen=1.0, max_len_a=0.0, max_len_b=L, min_len=L,
                          max_tokens=spec.decode_tokens, check_every=spec.check_every,
-                         precision="bf16" if spec.bf16 else "auto")
+                         precision=Precision.bf16 if spec.bf16 else Precision.auto)
     budget = opts.max_tokens or DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cpu"])
     batches = length_batches([len(s) for s in split.src_ids], [len(e) for e in split.bert_ids], spec.beam, budget)
     bert_ids = split.bert_ids if fused else None
@@ -345,7 +349,8 @@ def run_all(spec: BenchSpec, variants: list[str], log=print) -> dict[str, dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f, default in asdict(BenchSpec()).items():
         flag = "--" + f.replace("_", "-")
         if isinstance(default, bool):

@@ -26,7 +26,8 @@ from typing import Any
 from bertnmt.core.paths import PROJECT_ROOT, TRAIN_SCRIPT
 
 BASE = ["model=small", "model.fused=false", "trainer.max_epochs=1", "trainer.valid_bleu=false",
-        "trainer.progress=false", "trainer.tensorboard=false", "trainer.device=cpu", "eval.test=false", "name=bench_ddp"]
+        "trainer.progress=false", "trainer.tensorboard=false", "trainer.device=cpu", "eval.test=false",
+        "name=bench_ddp"]
 
 
 def train_cmd(nproc: int) -> list[str]:
@@ -56,11 +57,13 @@ def run_one(label: str, nproc: int, threads: int, steps: int, out: Path, extra: 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     base = rows[0]["tokens_per_s"]
-    lines = ["| run | updates | target tokens | timed epoch (s) | target tok/s | vs first row | train loss | whole command (s) |",
+    lines = ["| run | updates | target tokens | timed epoch (s) | target tok/s | vs first row | train loss "
+             "| whole command (s) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['updates']} | {r['train_tokens']:,} | {r['epoch_time_s']:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} | {r['train_loss']:.4f} | {r['command_s']:.1f} |")
+                     f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} | {r['train_loss']:.4f} "
+                     f"| {r['command_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="threads of the single process that uses the whole CPU (default: all cores)")
     ap.add_argument("--steps", type=int, default=64, help="batches trained by every run (a multiple of --nproc)")
-    ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "runs" / "bench_ddp", help="run folders and results.json")
+    ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "runs" / "bench_ddp",
+                    help="run folders and results.json")
     ap.add_argument("extra", nargs="*", help="Hydra overrides")
     args = ap.parse_args(argv)
     if args.steps % args.nproc:

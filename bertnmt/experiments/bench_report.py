@@ -115,7 +115,8 @@ def decode_floors(spec: BenchSpec, cfg, dec: dict[str, dict[str, Any]]) -> dict[
     live = cached + sum(encoder_forward_flops(dims, B, E) for B, _, _, E in shapes)
     if not plain:
         return {}
-    return {"decode_plain": 1.0, "decode_marian": 1.0, "decode_fused_cached": cached / plain, "decode_fused": live / plain}
+    return {"decode_plain": 1.0, "decode_marian": 1.0, "decode_fused_cached": cached / plain,
+            "decode_fused": live / plain}
 
 
 def device_name(spec: BenchSpec) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from bertnmt.experiments.rows import ROW_BY_NAME, ROWS
-from bertnmt.experiments.ablation_report import REFERENCE, RowResult, read_row
 from bertnmt.decoding.significance import compare_files
+from bertnmt.experiments.ablation_report import REFERENCE, RowResult, read_row
+from bertnmt.experiments.rows import ROW_BY_NAME, ROWS
 
 START, END = "<!-- converged-table:start -->", "<!-- converged-table:end -->"
 START_LABEL = {"baseline": "warm start", "continued": "continued", "scratch": "scratch"}
@@ -39,7 +39,7 @@ def _tgt_lang(run_dir: str) -> str:
 def significance(row: RowResult, ref: RowResult) -> dict[int, dict[str, Any]]:
     """Seed -> paired bootstrap (BLEU) of ``row`` against ``ref`` run with the same seed, where both decoded."""
     out: dict[int, dict[str, Any]] = {}
-    for seed, hyp, run in zip(row.seeds, row.hyps, row.run_dirs):
+    for seed, hyp, run in zip(row.seeds, row.hyps, row.run_dirs, strict=True):
         if seed not in ref.seeds or hyp is None:
             continue
         k = ref.seeds.index(seed)
@@ -54,7 +54,7 @@ def significance(row: RowResult, ref: RowResult) -> dict[int, dict[str, Any]]:
 
 def _epochs_cell(r: RowResult) -> str:
     cells = []
-    for seed, n, best, stop in zip(r.seeds, r.own_epochs, r.best_epochs, r.stops):
+    for n, best, stop in zip(r.own_epochs, r.best_epochs, r.stops, strict=True):
         cap = " cap" if stop == "max_epochs" else (" steps" if stop == "max_steps" else "")
         cells.append(f"{best if best is not None else '?'}/{n}{cap}")
     return ", ".join(cells) if cells else "pending"
@@ -109,7 +109,7 @@ LEGEND = (
 )
 
 
-def write_converged(out: str | Path, jobs: list[tuple[str, int]], command: Optional[str] = None) -> Path:
+def write_converged(out: str | Path, jobs: list[tuple[str, int]], command: str | None = None) -> Path:
     """``<out>/converged.md``: the table, its legend and the runs still pending."""
     out = Path(out)
     parts = ["# Converged sweep", ""]

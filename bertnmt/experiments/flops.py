@@ -21,7 +21,7 @@ class EncoderDims:
     ffn: int
 
     @classmethod
-    def from_hf(cls, config) -> "EncoderDims":
+    def from_hf(cls, config) -> EncoderDims:
         return cls(int(config.hidden_size), int(config.num_hidden_layers), int(config.intermediate_size))
 
 
@@ -68,7 +68,8 @@ class StepFlops:
                 "fused_finetune": self.fused_finetune / self.plain}
 
 
-def training_flops(cfg: ModelConfig, vocab: int, shapes: list[tuple[int, int, int, int]], dims: EncoderDims) -> StepFlops:
+def training_flops(cfg: ModelConfig, vocab: int, shapes: list[tuple[int, int, int, int]],
+                   dims: EncoderDims) -> StepFlops:
     """Summed over batches of shapes (B, S, T, E)."""
     plain = fused = bert = 0
     for B, S, T, E in shapes:

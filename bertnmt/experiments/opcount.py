@@ -99,7 +99,7 @@ class OpCounter(TorchDispatchMode):
 
         return call
 
-    def __enter__(self) -> "OpCounter":
+    def __enter__(self) -> OpCounter:
         if self._patch:
             self._stack = ExitStack()
             for name in ("cpu", "tolist", "numpy", "item"):

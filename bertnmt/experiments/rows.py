@@ -5,9 +5,9 @@ Each row is an experiment config, ``conf/exp/ablation/<name>.yaml``; a run of a 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from bertnmt.core.errors import ConfigError
 
@@ -25,7 +25,7 @@ class Row:
 
     name: str
     label: str
-    paper_bleu: Optional[float]  # IWSLT'14 En->De BLEU from the paper, None if not given
+    paper_bleu: float | None  # IWSLT'14 En->De BLEU from the paper, None if not given
     init: str
 
     @property
@@ -33,7 +33,7 @@ class Row:
         return f"ablation/{self.name}"
 
     @property
-    def paper_delta(self) -> Optional[float]:
+    def paper_delta(self) -> float | None:
         return None if self.paper_bleu is None else round(self.paper_bleu - PAPER_TRANSFORMER, 2)
 
 
@@ -108,7 +108,7 @@ def plan_jobs(rows: str | Sequence[str] | None, seeds: Sequence[int]) -> list[Jo
     return jobs
 
 
-def parse_seeds(text: str | None) -> Optional[list[int]]:
+def parse_seeds(text: str | None) -> list[int] | None:
     """``"1,2,3"`` -> [1, 2, 3]; None -> None (the config's ``trainer.seed``)."""
     if text is None:
         return None

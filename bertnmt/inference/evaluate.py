@@ -14,12 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bertnmt.core.atomic import write_json, write_text
-from bertnmt.core.atomic import check_writable
-from bertnmt.data.corpora import SPLITS, normalise, read_lines
+from bertnmt.core.atomic import check_writable, write_json, write_text
 from bertnmt.core.errors import ConfigError, DataError
-from bertnmt.inference.loading import load_model
+from bertnmt.data.corpora import SPLITS, normalise, read_lines
 from bertnmt.decoding.metrics import BleuOptions, bleu_tokenizer_for, corpus_scores, paper_options
+from bertnmt.inference.loading import load_model
 from bertnmt.inference.translator import Translator
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,8 @@ def _split_texts(tr: Translator, split: str, cache_dir: str | None) -> tuple[lis
     dcfg = tr.cfg.data if cache_dir is None else replace(tr.cfg.data, cache_dir=cache_dir)
     data = prepare_data(dcfg)
     if data.vocab.sha256 != tr.vocab.sha256:
-        log.warning("the prepared data's vocabulary differs from the model's; sentences are re-encoded with the model's")
+        log.warning("the prepared data's vocabulary differs from the model's; "
+                    "sentences are re-encoded with the model's")
     s = data.splits[split]
     return s.src_text, s.tgt_text
 

@@ -20,8 +20,20 @@ from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
 from bertnmt.inference.translator import Translator
 from bertnmt.model.build import make_model, weights_sha256
 from bertnmt.model.pretrained import check_tokenizer
-from bertnmt.recipe.export import (CONFIG, EXPORT_FORMAT, EXPORT_VERSION, INFO, REQUIRED, VOCAB, WEIGHTS,
-                                   checkpoint_context, encoder_info, find_checkpoint, is_export, read_yaml)
+from bertnmt.recipe.export import (
+    CONFIG,
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    INFO,
+    REQUIRED,
+    VOCAB,
+    WEIGHTS,
+    checkpoint_context,
+    encoder_info,
+    find_checkpoint,
+    is_export,
+    read_yaml,
+)
 from bertnmt.train.checkpoint import load_model_weights
 
 

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from bertnmt.core.config import Config
+from bertnmt.core.devices import pick_device
+from bertnmt.core.errors import ConfigError
 from bertnmt.data.corpora import normalise
 from bertnmt.data.prepare import Split
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab
 from bertnmt.decoding.loop import DecodeOptions, decode_corpus, decode_split, options_from_eval
-from bertnmt.core.devices import pick_device
-from bertnmt.core.errors import ConfigError
 from bertnmt.model.nmt import BertFusedTransformer
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ class Translator:
 
     def __repr__(self) -> str:
         enc = self.cfg.bert.path if self.model.bert is not None else "none"
-        return f"Translator({self.source or 'in memory'}, model={self.cfg.model.name}, encoder={enc}, device={self.device})"
+        return (f"Translator({self.source or 'in memory'}, model={self.cfg.model.name}, encoder={enc}, "
+                f"device={self.device})")
 
     @property
     def bert_pad_id(self) -> int | None:
@@ -62,7 +63,8 @@ class Translator:
         if self.bert_pad_id is not None:
             ids, n_cut = self.tokenizer.encode_batch(texts)
             if n_cut:
-                log.warning("%d sentences were truncated to the encoder's max_length=%d", n_cut, self.tokenizer.max_length)
+                log.warning("%d sentences were truncated to the encoder's max_length=%d",
+                            n_cut, self.tokenizer.max_length)
             bert_ids = [np.asarray(seq, dtype=np.int32) for seq in ids]
         empty = [np.zeros(0, dtype=np.int32)] * len(texts)
         return Split("input", texts, [""] * len(texts), src_ids, empty, bert_ids)
@@ -99,7 +101,7 @@ class Translator:
         split = self.encode(sentences)
         keep = [i for i, t in enumerate(split.src_text) if t]  # an empty line translates to an empty line
         out = [""] * len(sentences)
-        for i, hyp in zip(keep, self.translate_split(_subset(split, keep), beam, lenpen)):
+        for i, hyp in zip(keep, self.translate_split(_subset(split, keep), beam, lenpen), strict=True):
             out[i] = hyp
         return out
 
@@ -114,7 +116,7 @@ class Translator:
             return out
         sub = _subset(split, keep)
         found = decode_corpus(self.model, sub.src_ids, sub.bert_ids, opts, self.device, self.bert_pad_id)
-        for i, hyps in zip(keep, found):
+        for i, hyps in zip(keep, found, strict=True):
             out[i] = [Hypothesis(self.vocab.decode(ids), score, list(ids)) for ids, score in hyps]
         return out
 

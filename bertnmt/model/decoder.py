@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertnmt.core.config import ModelConfig
+from bertnmt.core.config import FusionCombine, ModelConfig
 from bertnmt.model.fusion import BertAttention, DropNet, FusedSublayer
 from bertnmt.model.layers import KV, FeedForward, KVCache, LayerNorm, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.variants import fused_layer_ids
@@ -43,7 +43,7 @@ class DecoderState:
         """N, the number of decoder rows."""
         return self.src_pad.size(0) * self.group
 
-    def expand(self, n: int) -> "DecoderState":
+    def expand(self, n: int) -> DecoderState:
         """Repeat every row ``n`` times in place (B -> B * n beams); the static K/V are shared."""
         index = torch.arange(self.batch_size, device=self.src_pad.device).repeat_interleave(n)
         for cache in self.self_kv:
@@ -51,7 +51,7 @@ class DecoderState:
         self.group *= n
         return self
 
-    def select(self, index: Tensor) -> "DecoderState":
+    def select(self, index: Tensor) -> DecoderState:
         """Keep decoder rows ``index`` (N',), in that order, in place; returns self.
 
         Used for beam reordering and for dropping finished sentences. The self-attention caches
@@ -77,7 +77,7 @@ class DecoderState:
 
     reorder = select  # beam reordering is a select whose rows stay within their groups
 
-    def reorder_beams(self, index: Tensor) -> "DecoderState":
+    def reorder_beams(self, index: Tensor) -> DecoderState:
         """Reorder decoder rows (N,) within their groups, in place; the caller guarantees that every
         group keeps its sentence. Unlike :meth:`select` it never reads the index on the host (no sync)."""
         for cache in self.self_kv:
@@ -115,7 +115,7 @@ class FusedDecoderLayer(nn.Module):
         self.bert_attn = (
             BertAttention(C, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
         )
-        self.stacked = bool(bert_dim) and cfg.fusion_combine == "stacked"
+        self.stacked = bool(bert_dim) and cfg.fusion_combine == FusionCombine.stacked
         self.bert_attn_ln = LayerNorm(C) if self.stacked else None
         if bert_dim and drop_net is None:
             drop_net = DropNet(cfg.drop_net)
@@ -135,7 +135,8 @@ class FusedDecoderLayer(nn.Module):
         bert_kv: KV | None = None,
     ) -> Tensor:
         # 1. masked self-attention (causal; incremental with a cache)
-        x = self.fused.residual(x, self.self_attn_ln, lambda h: self.self_attn(h, causal=True, cache=cache))  # (B, T, C)
+        x = self.fused.residual(x, self.self_attn_ln,
+                                lambda h: self.self_attn(h, causal=True, cache=cache))  # (B, T, C)
 
         # 2. encoder-decoder attention ‖ BERT attention, mixed by drop-net
         bert = None

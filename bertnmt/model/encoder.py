@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertnmt.core.config import ModelConfig
+from bertnmt.core.config import FusionCombine, ModelConfig
 from bertnmt.model.fusion import BertAttention, DropNet, FusedSublayer
 from bertnmt.model.layers import FeedForward, LayerNorm, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.variants import fused_layer_ids
@@ -41,7 +41,7 @@ class FusedEncoderLayer(nn.Module):
         self.bert_attn = (
             BertAttention(C, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
         )
-        self.stacked = bool(bert_dim) and cfg.fusion_combine == "stacked"
+        self.stacked = bool(bert_dim) and cfg.fusion_combine == FusionCombine.stacked
         self.bert_attn_ln = LayerNorm(C) if self.stacked else None
         if bert_dim and drop_net is None:
             drop_net = DropNet(cfg.drop_net)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertnmt.core.config import ModelConfig
+from bertnmt.core.config import BertInput, ModelConfig
 from bertnmt.model.decoder import Decoder, DecoderState
 from bertnmt.model.encoder import Encoder
 from bertnmt.model.fusion import DropNet
@@ -53,19 +53,19 @@ class BertFusedTransformer(nn.Module):
         super().__init__()
         check_model_config(cfg)
         self.cfg, self.vocab_size, self.pad_id = cfg, vocab_size, pad_id
-        self.bert_input = cfg.bert_input if cfg.fused else "fused"
-        self.uses_bert = cfg.fused and (cfg.fuse_encoder or cfg.fuse_decoder or self.bert_input != "fused")
+        self.bert_input = cfg.bert_input if cfg.fused else BertInput.fused
+        self.uses_bert = cfg.fused and (cfg.fuse_encoder or cfg.fuse_decoder or self.bert_input != BertInput.fused)
         if self.uses_bert and bert is None:
             raise ValueError("model.fused=true needs a PretrainedEncoder (bert)")
         self.bert = bert if self.uses_bert else None
         H = bert.hidden_size if self.bert is not None else None
-        bert_dim = H if self.bert_input == "fused" else None  # the width of BERT attention's keys, or no fusion
+        bert_dim = H if self.bert_input == BertInput.fused else None  # the width of BERT attention's keys, or no fusion
         self.bert_mix = LayerMix(bert.n_states) if self.bert is not None and bert.layer_mix else None
 
         C = cfg.d_model
         self.embed_tokens = self._embedding(vocab_size, C, pad_id)
         self.bert_proj = None
-        if self.bert_input == "embedding":  # H_B -> input embeddings, scaled like token embeddings (std C^-0.5)
+        if self.bert_input == BertInput.embedding:  # H_B -> input embeddings, scaled like token embeddings (std C^-0.5)
             self.bert_proj = nn.Linear(H, C)
             nn.init.normal_(self.bert_proj.weight, mean=0.0, std=(H * C) ** -0.5)
             nn.init.zeros_(self.bert_proj.bias)
@@ -126,7 +126,7 @@ class BertFusedTransformer(nn.Module):
         if self.bert_input == "embedding":  # feature-based (paper section 3): H_B as input embeddings
             enc_out = self.encoder(self.bert_proj(h_b), b_pad)  # (B, E, C)
             return EncoderOut(enc_out, b_pad)
-        if self.bert_input == "replace":  # the pretrained encoder is the NMT encoder (paper section 3)
+        if self.bert_input == BertInput.replace:  # the pretrained encoder is the NMT encoder (paper section 3)
             return EncoderOut(h_b, b_pad)  # (B, E, H)
         enc_out = self.encoder(self.embed_tokens(src), src_pad, h_b, b_pad)  # (B, S, C)
         return EncoderOut(enc_out, src_pad, h_b, b_pad)

@@ -16,11 +16,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from torch import Tensor, nn
 
-from bertnmt.core.config import BertConfig
+from bertnmt.core.config import BertConfig, Features
 from bertnmt.core.errors import ConfigError
 from bertnmt.model.variants import check_bert_config
 
@@ -150,7 +149,7 @@ class PretrainedEncoder(nn.Module):
         self.layer = cfg.layer
         self.n_states = n_layers + 1  # the hidden states: embeddings + one per block
         self.layer_mix = cfg.layer_mix  # the model mixes all_layers() with its own weights (bert_mix)
-        self.random_features = cfg.features == "random"
+        self.random_features = cfg.features == Features.random
         self.random_seed = cfg.random_seed
         self.frozen = False  # set by the freeze policy (bertnmt.train.freeze); enforced here
         self._mode = True  # the mode last asked for by ``train()``, restored on unfreezing
@@ -163,7 +162,7 @@ class PretrainedEncoder(nn.Module):
             p.requires_grad_(not frozen)
         self.train(self._mode)
 
-    def train(self, mode: bool = True) -> "PretrainedEncoder":
+    def train(self, mode: bool = True) -> PretrainedEncoder:
         """Like ``nn.Module.train``, but while frozen everything stays in eval mode (no dropout)."""
         self._mode = mode
         return super().train(mode and not self.frozen)
@@ -186,8 +185,8 @@ class PretrainedEncoder(nn.Module):
         """Every hidden state, stacked: (n_states, B, E, hidden_size) (embeddings first)."""
         ctx = torch.no_grad() if self.frozen else contextlib.nullcontext()
         with ctx:
-            out = self.model(input_ids=bert_ids, attention_mask=self._attention_mask(bert_mask), output_hidden_states=True,
-                             return_dict=True)
+            out = self.model(input_ids=bert_ids, attention_mask=self._attention_mask(bert_mask),
+                             output_hidden_states=True, return_dict=True)
             return torch.stack(out.hidden_states)  # (L+1, B, E, H)
 
     def _attention_mask(self, bert_mask: Tensor) -> Tensor:

@@ -20,7 +20,8 @@ from bertnmt.train import distributed
 BASELINE_VERSION = 1
 
 # ModelConfig fields that do not change the plain baseline (the fusion settings, the ablations' variants too).
-FUSION_ONLY = ("name", "fused", "fuse_encoder", "fuse_decoder", "drop_net", "fusion_combine", "fuse_layers", "bert_input")
+FUSION_ONLY = ("name", "fused", "fuse_encoder", "fuse_decoder", "drop_net", "fusion_combine", "fuse_layers",
+               "bert_input")
 
 
 def baseline_inputs(cfg: Config) -> dict[str, Any]:

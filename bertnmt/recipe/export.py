@@ -34,11 +34,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bertnmt.core import __version__
 from bertnmt.core.atomic import fsync_dir, fsync_file, temp_name, write_error
+from bertnmt.core.config import Config, ModelConfig, to_config
+from bertnmt.core.errors import CheckpointError, DataError
+from bertnmt.data.tokenize import SubwordVocab
 from bertnmt.train.averaging import checkpoint_folder
 from bertnmt.train.checkpoint import load_checkpoint
-from bertnmt.core.config import Config, ModelConfig, to_config
-from bertnmt.data.tokenize import SubwordVocab
-from bertnmt.core.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ def _find_vocab(path: Path, cfg: Config, meta: dict[str, Any], vocab: str | Path
         if cand.is_file() and (not expected or _sha256(cand) == expected):
             return cand
     sha = f" (sha256 {expected[:12]})" if expected else ""
-    raise CheckpointError(f"cannot find the SentencePiece model of checkpoint {path}{sha}; pass it with --vocab / vocab=")
+    raise CheckpointError(f"cannot find the SentencePiece model of checkpoint {path}{sha}; "
+                          "pass it with --vocab / vocab=")
 
 
 def checkpoint_context(path: str | Path, vocab: str | Path | None = None,
@@ -150,7 +151,8 @@ def encoder_info(cfg: Config, meta: dict[str, Any], weights: dict[str, torch.Ten
         return None
     enc = meta.get("encoder") or {}
     return {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer, "max_length": cfg.bert.max_length,
-            "weights_sha256": enc.get("weights_sha256"), "weights_included": any(k.startswith("bert.") for k in weights)}
+            "weights_sha256": enc.get("weights_sha256"),
+            "weights_included": any(k.startswith("bert.") for k in weights)}
 
 
 def _run_folder(src: Path) -> Path:

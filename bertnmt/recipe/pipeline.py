@@ -13,38 +13,47 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from bertnmt.core import atomic
+from bertnmt.core.config import (
+    Config,
+    EarlyStopConfig,
+    FreezeConfig,
+    Policy,
+    ScratchBudget,
+    TrainerConfig,
+    check_device,
+    check_values,
+    plain,
+    to_plain_container,
+)
+from bertnmt.core.devices import pick_device
+from bertnmt.core.errors import BertNMTError, CheckpointError, ConfigError, DataError
 from bertnmt.core.paths import PROJECT_ROOT
-
-from bertnmt.train import distributed  # torchrun; no-ops in one process
-from bertnmt.train.checkpoint import load_checkpoint, warm_start
-from bertnmt.core.config import Config, EarlyStopConfig, FreezeConfig, TrainerConfig, check_device, check_values
 from bertnmt.data.collate import make_loader
 from bertnmt.data.corpora import corpus_fingerprint
 from bertnmt.data.features import FeatureStore, feature_cache
 from bertnmt.data.prepare import PreparedData, add_encoder_view, prepare_data
 from bertnmt.data.tokenize import EncoderTokenizer
 from bertnmt.decoding.loop import decode_split, options_from_eval
-from bertnmt.core.devices import pick_device
-from bertnmt.core.errors import BertNMTError, CheckpointError, ConfigError, DataError
-from bertnmt.recipe.baseline import baseline_key
-from bertnmt.recipe.export import export_model
-from bertnmt.train.freeze import FreezePolicy, schedule_table
 from bertnmt.decoding.metrics import corpus_scores
 from bertnmt.model.build import make_model, weights_sha256
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import check_tokenizer
+from bertnmt.recipe.baseline import baseline_key
+from bertnmt.recipe.export import export_model
+from bertnmt.train import distributed  # torchrun; no-ops in one process
+from bertnmt.train.checkpoint import load_checkpoint, warm_start
+from bertnmt.train.early_stop import best_epoch
+from bertnmt.train.freeze import FreezePolicy, schedule_table
 from bertnmt.train.results import append_jsonl
 from bertnmt.train.rundir import CONFIG, open_run_dir, release, save_config, stage_marker
-from bertnmt.train.early_stop import best_epoch
 from bertnmt.train.trainer import StageResult, Trainer, load_best
 
 log = logging.getLogger(__name__)
@@ -134,12 +143,13 @@ def check_resume_inputs(cfg: Config) -> Explicit:
             raise ConfigError(f"trainer.resume={mode!r} is neither auto, never nor a checkpoint file")
         ckpt = load_checkpoint(mode)
         if (ckpt.get("meta") or {}).get("averaged_from"):
-            raise CheckpointError(f"trainer.resume={mode}: an average of checkpoints holds no training state; resume from "
-                                  "one of the checkpoints it averages (or start from it with warm_start.path)")
+            raise CheckpointError(f"trainer.resume={mode}: an average of checkpoints holds no training state; "
+                                  "resume from one of the checkpoints it averages (or start from it with "
+                                  "warm_start.path)")
         lacking = [k for k in ("optimizer", "scheduler", "epoch", "step") if k not in ckpt]
         if lacking:
-            raise CheckpointError(f"trainer.resume={mode}: the checkpoint lacks the training state ({', '.join(lacking)}); "
-                                  "resume from a checkpoint the training wrote")
+            raise CheckpointError(f"trainer.resume={mode}: the checkpoint lacks the training state "
+                                  f"({', '.join(lacking)}); resume from a checkpoint the training wrote")
         explicit = (Path(mode), str(ckpt.get("stage") or ("fused" if cfg.model.fused else "baseline")))
         del ckpt
     if cfg.warm_start.path is not None and cfg.model.fused:
@@ -207,12 +217,14 @@ def ensure_baseline(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[s
     bcfg = replace(
         cfg,
         model=replace(cfg.model, fused=False),
-        freeze=FreezeConfig(policy="finetune"),  # the warm-start baseline trains everything, whatever the fused policy
+        # the warm-start baseline trains everything, whatever the fused policy
+        freeze=FreezeConfig(policy=Policy.finetune),
         # a fixed budget: early stopping would make the cached baseline depend on a setting its key leaves out
         trainer=replace(cfg.trainer, max_epochs=cfg.warm_start.max_epochs, max_steps=cfg.warm_start.max_steps,
                         early_stop=EarlyStopConfig()),
     )
-    summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": asdict(bcfg.model)}, None, explicit=explicit)
+    summary = train_stage(bcfg, data, run_dir, "baseline", {**meta, "model": plain(bcfg.model)}, None,
+                          explicit=explicit)
     if distributed.is_main():  # rank 0 fills the cache, the others wait for it
         atomic.remove_stale_temps(cache)
         atomic.copy_file(summary["checkpoint"], ckpt)  # the checkpoint first: the summary marks the entry complete
@@ -230,7 +242,8 @@ def continued_key(cfg: Config, data: PreparedData, warm: str, steps: int) -> str
     with open(warm, "rb") as fh:
         warm_sha = hashlib.file_digest(fh, "sha256").hexdigest()
     spec = {"version": CONTINUED_VERSION, "baseline": baseline_key(cfg, data), "warm": warm_sha, "steps": steps,
-            "eval": asdict(cfg.eval), "valid_bleu": cfg.trainer.valid_bleu, "valid_max_sents": cfg.trainer.valid_max_sents}
+            "eval": plain(cfg.eval), "valid_bleu": cfg.trainer.valid_bleu,
+            "valid_max_sents": cfg.trainer.valid_max_sents}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -254,17 +267,18 @@ def ensure_continued(cfg: Config, data: PreparedData, run_dir: Path, meta: dict[
     tcfg = replace(
         cfg,
         model=replace(cfg.model, fused=False),
-        freeze=FreezeConfig(policy="finetune"),
+        freeze=FreezeConfig(policy=Policy.finetune),
         # the fused stage's update count is the budget; the epoch cap only has to be out of its way
         trainer=replace(cfg.trainer, max_steps=steps, max_epochs=max(1, steps) * cfg.trainer.accum_steps + 1,
                         early_stop=EarlyStopConfig()),
     )
-    summary = train_stage(tcfg, data, run_dir, "transformer", {**meta, "model": asdict(tcfg.model)}, None, warm,
+    summary = train_stage(tcfg, data, run_dir, "transformer", {**meta, "model": plain(tcfg.model)}, None, warm,
                           explicit)
     if distributed.is_main():
         atomic.remove_stale_temps(cache)
         if (run_dir / hyp_name).is_file():
-            atomic.copy_file(run_dir / hyp_name, cache / hyp_name)  # the hypotheses first: the summary marks it complete
+            # the hypotheses first: the summary marks the entry complete
+            atomic.copy_file(run_dir / hyp_name, cache / hyp_name)
         write_json(summary_path, summary)
     distributed.barrier()
     return summary
@@ -295,19 +309,15 @@ def scratch_trainer(cfg: Config, data: PreparedData) -> TrainerConfig:
     stage is limited by ``max_steps``, the total is counted in updates, the baseline's from its own batches.
     """
     t, w = cfg.trainer, cfg.warm_start
-    if w.scratch_budget == "stage":
+    if w.scratch_budget == ScratchBudget.stage:
         return t
     epochs = w.max_epochs + t.max_epochs
     if not (w.max_steps or t.max_steps):
         return replace(t, max_epochs=epochs)
     per_epoch = len(make_loader(data.splits["train"], cfg.data.max_tokens, t.seed, True, None)) // max(1, t.accum_steps)
     stage_steps = lambda e, s: min(e * per_epoch, s) if s else e * per_epoch  # noqa: E731
-    return replace(t, max_epochs=epochs, max_steps=stage_steps(w.max_epochs, w.max_steps) + stage_steps(t.max_epochs, t.max_steps))
-
-
-def check_recipe(cfg: Config) -> None:
-    if cfg.warm_start.scratch_budget not in ("stage", "total"):
-        raise ConfigError(f"warm_start.scratch_budget={cfg.warm_start.scratch_budget!r} is not one of stage, total")
+    steps = stage_steps(w.max_epochs, w.max_steps) + stage_steps(t.max_epochs, t.max_steps)
+    return replace(t, max_epochs=epochs, max_steps=steps)
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -324,14 +334,14 @@ def run(cfg: Config) -> dict[str, Any]:
     """
     check_values(cfg)  # also checked on the command line; here for library callers
     check_device(cfg.trainer.device)
-    check_recipe(cfg)
     if cfg.model.fused and cfg.bert.trust_remote_code:
         log.warning("bert.trust_remote_code=true: Python code shipped with the encoder %r will run", cfg.bert.path)
     ddp = distributed.setup(cfg.trainer.device, cfg.trainer.dist_timeout_min)  # under torchrun
     policy, skeleton = check_freeze(cfg)  # a bad policy fails before any data is loaded
     if cfg.freeze.dry_run:
         table = schedule_table(policy, skeleton, cfg.trainer.max_epochs, cfg.trainer.max_steps)
-        print(f"{table}\n(dry run: model {cfg.model.name} with data.vocab_size={cfg.data.vocab_size}; nothing was trained)")
+        print(f"{table}\n(dry run: model {cfg.model.name} with data.vocab_size={cfg.data.vocab_size}; "
+              "nothing was trained)")
         return {"name": cfg.name, "dry_run": True, "table": table}
     del policy, skeleton
     explicit = check_resume_inputs(cfg)
@@ -375,8 +385,8 @@ def check_same_inputs(cfg: Config, run_dir: Path, earlier: dict[str, Any]) -> No
             where = (f"{cfg.data.custom[split][side]} (data.custom.{name})" if cfg.data.corpus == "custom"
                      and split in cfg.data.custom and side in cfg.data.custom[split] else name)
             raise DataError(f"{where} changed since the run in {run_dir} started (sha256 {sha[:12]} then, "
-                            f"{str(now.get(name))[:12]} now); its checkpoints belong to the old data: restore the file, "
-                            "or start afresh with trainer.resume=never")
+                            f"{str(now.get(name))[:12]} now); its checkpoints belong to the old data: "
+                            "restore the file, or start afresh with trainer.resume=never")
 
 
 def encoder_tokenizer(cfg: Config) -> EncoderTokenizer:
@@ -402,16 +412,16 @@ def _run(cfg: Config, run_dir: Path, explicit: Explicit, tok: EncoderTokenizer |
     meta: dict[str, Any] = {
         "git_sha": git_sha(), "command": " ".join(sys.argv), "torch": str(torch.__version__),
         "data_key": data.key, "vocab_sha256": data.vocab.sha256, "vocab_size": len(data.vocab),
-        "data_report": data.report, "model": asdict(cfg.model),
+        "data_report": data.report, "model": plain(cfg.model),
         # checkpoints carry their config and vocabulary, so evaluate/translate/export need no run dir
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "vocab_path": str(data.vocab.path.resolve()),
+        "config": to_plain_container(cfg), "vocab_path": str(data.vocab.path.resolve()),
     }
     if tok is not None:
         with distributed.main_first():
             add_encoder_view(data, tok)
         bert_pad_id = tok.pad_id
         meta["encoder"] = {"name": cfg.bert.name, "path": cfg.bert.path, "layer": cfg.bert.layer,
-                           "layer_mix": cfg.bert.layer_mix, "features": cfg.bert.features,
+                           "layer_mix": cfg.bert.layer_mix, "features": cfg.bert.features.value,
                            "random_init": cfg.bert.random_init}
     write_json(run_dir / "meta.json", meta)
 
@@ -450,20 +460,22 @@ def summary_text(summary: dict[str, Any]) -> str:
     """The table printed at the end of a run; with ``warm_start.compare`` the equal-budget comparison first."""
     base, plain, fused = summary.get("baseline"), summary.get("transformer"), summary.get("fused")
     rows = [("warm-start baseline", base), ("Transformer (continued)", plain), ("BERT-fused", fused)]
-    lines = [f"{'model':<24} {'updates':>7} {'test BLEU':>9} {'chrF':>6} {'epoch s':>8} {'tok/s':>7} {'trainable/total':>22}"]
+    lines = [f"{'model':<24} {'updates':>7} {'test BLEU':>9} {'chrF':>6} {'epoch s':>8} {'tok/s':>7} "
+             f"{'trainable/total':>22}"]
     for label, s in rows:
         if not s:
             continue
         params = f"{s.get('trainable_params') or 0:,}/{s.get('total_params') or 0:,}"
         steps = s.get("steps")
         lines.append(f"{label:<24} {steps if steps is not None else '?':>7} {s.get('test_bleu', float('nan')):>9.2f} "
-                     f"{s.get('test_chrf', float('nan')):>6.2f} {s['mean_epoch_time_s']:>8.1f} {s['tokens_per_s']:>7.0f} "
-                     f"{params:>22}")
+                     f"{s.get('test_chrf', float('nan')):>6.2f} {s['mean_epoch_time_s']:>8.1f} "
+                     f"{s['tokens_per_s']:>7.0f} {params:>22}")
     eq = summary.get("equal_budget")
     if eq:
         u = eq["updates"]
         lines.append(f"equal budget: BERT-fused and the Transformer both continue the same warm start for "
-                     f"{u['fused']:,} / {u['transformer']:,} updates: BLEU {eq['bleu_delta']:+.2f}, chrF {eq['chrf_delta']:+.2f}")
+                     f"{u['fused']:,} / {u['transformer']:,} updates: BLEU {eq['bleu_delta']:+.2f}, "
+                     f"chrF {eq['chrf_delta']:+.2f}")
         if "paired_bootstrap" in eq:
             b = eq["paired_bootstrap"]["bleu"]
             lines.append(f"paired bootstrap ({eq['paired_bootstrap']['n_samples']} resamples): p = {b['p_value']:.4f}; "

@@ -5,7 +5,8 @@ but checked: every checkpoint must hold the same tensors with the same shapes, a
 vocabulary, model config and pretrained encoder (tensors of equal shapes can still mean different
 things); the output must not be one of the inputs. Floating-point
 weights are summed in float64 and divided once, then cast back; other tensors (integer buffers)
-must agree and are copied, except drop-net's generator state, which is not a weight: the last checkpoint's is kept. The result is a checkpoint of the usual format version, written
+must agree and are copied, except drop-net's generator state, which is not a weight: the last checkpoint's
+is kept. The result is a checkpoint of the usual format version, written
 atomically, without optimizer state: ``evaluate``, ``translate`` and ``export`` accept it, training
 does not resume from it.
 """
@@ -17,9 +18,9 @@ from typing import Any
 
 import torch
 
-from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from bertnmt.core.errors import CheckpointError
 from bertnmt.model.fusion import is_drop_net_state
+from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def last_checkpoints(folder: str | Path, n: int) -> list[Path]:
     ordered = [p for _, p in sorted(by_step.values())]
     if len(ordered) < n:
         steps = ", ".join(str(s) for s in sorted(by_step)) or "none"
-        raise CheckpointError(f"{folder} has {len(ordered)} checkpoints of distinct steps ({steps}); asked for the last {n}")
+        raise CheckpointError(f"{folder} has {len(ordered)} checkpoints of distinct steps ({steps}); "
+                              f"asked for the last {n}")
     return ordered[-n:]
 
 
@@ -116,14 +118,16 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
                 raise CheckpointError(f"{path} holds other tensors than {paths[0]} (e.g. {diff[0]})")
             for k, v in weights.items():
                 if v.shape != first[k].shape:
-                    raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, {paths[0]} has {tuple(first[k].shape)}")
+                    raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)}, "
+                                          f"{paths[0]} has {tuple(first[k].shape)}")
                 if k in sums:
                     sums[k] += v.to(torch.float64)
                 elif not torch.equal(v, first[k]) and not is_drop_net_state(k):
                     raise CheckpointError(f"{path}: non-float tensor {k} differs from {paths[0]}'s; cannot average")
         last = ckpt
     n = len(paths)
-    model = {k: (sums[k] / n).to(first[k].dtype) if k in sums else (last["model"][k] if is_drop_net_state(k) else first[k])
+    model = {k: (sums[k] / n).to(first[k].dtype) if k in sums
+             else (last["model"][k] if is_drop_net_state(k) else first[k])
              for k in first}
     meta = {**(last.get("meta") or {}), "averaged_from": [str(p.resolve()) for p in paths]}
     payload = {"model": model, "epoch": last.get("epoch", 0), "step": last.get("step", 0),

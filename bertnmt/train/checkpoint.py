@@ -20,6 +20,7 @@ import logging
 import pickle
 import random
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bertnmt.train import distributed
 from bertnmt.core.atomic import DISK_FULL, atomic_path, copy_file, is_temp
 from bertnmt.core.errors import CheckpointError
 from bertnmt.model.fusion import drop_nets, is_drop_net_state, is_fusion_param
+from bertnmt.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,25 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically (:func:`bertnmt.core.atomic.atomic_path`: temp file, fsync, rename).
 
     On any failure the temp file is removed and ``path`` keeps its previous content; a full disk
-    or another OS error is a :class:`CheckpointError`. Under torchrun only rank 0 writes.
+    or another OS error is a :class:`CheckpointError`. Under torchrun only rank 0 writes; on the
+    other ranks this does nothing. Enum members (config choices) are stored as their values, since
+    ``weights_only`` loading refuses enum objects.
     """
     with atomic_path(path, _write_error) as tmp:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
+        torch.save({"format_version": FORMAT_VERSION, **_enum_values(payload)}, tmp)
+
+
+def _enum_values(obj: Any) -> Any:
+    """``obj`` with every Enum member inside dicts, lists and tuples replaced by its value."""
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _enum_values(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_enum_values(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_enum_values(v) for v in obj)
+    return obj
 
 
 def link_checkpoint(src: Path, dst: Path) -> None:
@@ -74,15 +90,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if unsafe:
             raise CheckpointError(f"checkpoint {path} holds a pickled Python object ({unsafe[1]}), not only tensors "
                                   "and plain values; refusing to load it (weights_only=True)") from None
-        raise CheckpointError(f"checkpoint {path} cannot be read: truncated or corrupt (not a torch.save file)") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: truncated or corrupt "
+                              "(not a torch.save file)") from None
     except Exception as e:  # torch raises many types for truncated/corrupt files
         first = str(e).splitlines()[0].split(". ")[0][:100] if str(e) else ""
-        raise CheckpointError(f"checkpoint {path} cannot be read: truncated or corrupt ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: truncated or corrupt "
+                              f"({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a bertnmt checkpoint")
     version = ckpt.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {version}; this bertnmt reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"checkpoint {path} has format version {version}; "
+                              f"this bertnmt reads version {FORMAT_VERSION}")
     return ckpt
 
 
@@ -246,8 +265,8 @@ def warm_start(model: nn.Module, path: str | Path, vocab_sha256: str) -> list[st
     for k, v in ckpt["model"].items():
         if k in ours and ours[k].shape != v.shape:
             raise CheckpointError(
-                f"warm-start checkpoint {path}: {k} has shape {tuple(v.shape)} but the model expects {tuple(ours[k].shape)} "
-                "(other vocabulary or dimensions)"
+                f"warm-start checkpoint {path}: {k} has shape {tuple(v.shape)} but the model expects "
+                f"{tuple(ours[k].shape)} (other vocabulary or dimensions)"
             )
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if unexpected:

@@ -30,10 +30,10 @@ import atexit
 import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -114,9 +114,11 @@ def setup(device: str = "auto", timeout_min: int = 60) -> bool:
                         ("cpu" if device == "auto" else device))
     if want.type == "cuda":
         if want.index is not None:
-            raise ConfigError(f"trainer.device={device!r}: under torchrun each rank uses cuda:LOCAL_RANK; use cuda or auto")
+            raise ConfigError(f"trainer.device={device!r}: under torchrun each rank uses cuda:LOCAL_RANK; "
+                              "use cuda or auto")
         if local_rank() >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={local_rank()} but only {torch.cuda.device_count()} CUDA devices are visible")
+            raise ConfigError(f"LOCAL_RANK={local_rank()} but only {torch.cuda.device_count()} "
+                              "CUDA devices are visible")
         torch.cuda.set_device(local_rank())  # torch.device("cuda") now means this rank's GPU
     backend = "nccl" if want.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_min))
@@ -231,7 +233,8 @@ def shard(sampler: Any) -> None:
 
 
 def drops_branches(model: nn.Module) -> bool:
-    """Whether a training forward can skip a branch (drop-net > 0 in a fused layer): its parameters then get no gradient."""
+    """Whether a training forward can skip a branch (drop-net > 0 in a fused layer): its parameters then
+    get no gradient."""
     from bertnmt.model.fusion import drop_nets
 
     return any(m.p > 0 for m in drop_nets(model))

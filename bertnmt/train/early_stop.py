@@ -8,23 +8,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bertnmt.core.config import EarlyStopConfig
+from bertnmt.core.config import EarlyStopConfig, Metric
 from bertnmt.core.errors import ConfigError
 
 
-def monitored(rec: dict[str, Any], metric: str) -> float:
+def monitored(rec: dict[str, Any], metric: Metric) -> float:
     """An epoch record's early-stopping value, higher is better: valid BLEU, or minus the valid loss."""
-    return float(rec["valid_bleu"]) if metric == "bleu" else -float(rec["valid_loss"])
+    return float(rec["valid_bleu"]) if metric == Metric.bleu else -float(rec["valid_loss"])
 
 
 def check_early_stop(es: EarlyStopConfig, valid_bleu: bool, valid_bleu_every: int = 1) -> None:
-    if es.metric not in ("loss", "bleu"):
-        raise ConfigError(f"trainer.early_stop.metric={es.metric!r} is not one of loss, bleu")
     if es.patience < 0 or es.min_delta < 0:
         raise ConfigError(f"trainer.early_stop: patience={es.patience} and min_delta={es.min_delta} must be >= 0")
-    if es.patience and es.metric == "bleu" and not valid_bleu:
+    if es.patience and es.metric == Metric.bleu and not valid_bleu:
         raise ConfigError("trainer.early_stop.metric=bleu needs trainer.valid_bleu=true")
-    if es.patience and es.metric == "bleu" and valid_bleu_every != 1:
+    if es.patience and es.metric == Metric.bleu and valid_bleu_every != 1:
         raise ConfigError(f"trainer.early_stop.metric=bleu needs valid BLEU every epoch, "
                           f"not trainer.valid_bleu_every={valid_bleu_every}")
 
@@ -34,7 +32,7 @@ def best_epoch(epochs: list[dict[str, Any]], es: EarlyStopConfig) -> int | None:
     it (valid BLEU every few epochs) do not compete. None without such epochs."""
     best: tuple[float, int] | None = None
     for rec in epochs:
-        if es.metric == "bleu" and "valid_bleu" not in rec:
+        if es.metric == Metric.bleu and "valid_bleu" not in rec:
             continue
         v = monitored(rec, es.metric)
         if best is None or v > best[0] + es.min_delta:

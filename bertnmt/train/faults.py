@@ -6,8 +6,9 @@
 - :class:`UpdateGuard`: a non-finite loss (or gradient norm) skips the update on the device — the fused
   optimizer's ``found_inf`` leaves weights and optimizer state untouched, while the step count and
   schedule advance — and is counted there; the counts are read once per log interval, and
-  ``max_nonfinite_in_row`` of them in a row is then a :class:`~bertnmt.core.errors.TrainingError` naming the step. A CUDA out-of-memory error on a batch frees
-  the gradients and the allocator's cache, skips the batch and is counted (as fairseq does).
+  ``max_nonfinite_in_row`` of them in a row is then a :class:`~bertnmt.core.errors.TrainingError`
+  naming the step. A CUDA out-of-memory error on a batch frees the gradients and the allocator's
+  cache, skips the batch and is counted (as fairseq does).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class StopSignal:
             raise KeyboardInterrupt
         self.signum = signum  # nothing else here: a handler may run in the middle of any Python code
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         self.signum = None
         if threading.current_thread() is threading.main_thread():  # signal.signal only works there
             for s in STOP_SIGNALS:
@@ -112,7 +113,8 @@ class UpdateGuard:
                         "(%d this epoch, %d in a row now)", self.stage, epoch, new, step, skipped, in_row)
         if stop >= 0:
             raise TrainingError(
-                f"{self.max_in_row} non-finite losses in a row, the last at step {stop} (epoch {epoch}, stage {self.stage}); "
+                f"{self.max_in_row} non-finite losses in a row, the last at step {stop} "
+                f"(epoch {epoch}, stage {self.stage}); "
                 "lower optim.lr, set optim.clip_norm, or raise trainer.max_nonfinite_in_row"
             )
 
@@ -124,4 +126,5 @@ class UpdateGuard:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log.warning("[%s] epoch %d step %d: out of memory on a batch of %d target tokens; batch skipped "
-                    "(%d this epoch; lower data.max_tokens if this repeats)", self.stage, epoch, step, ntokens, self.oom)
+                    "(%d this epoch; lower data.max_tokens if this repeats)",
+                    self.stage, epoch, step, ntokens, self.oom)

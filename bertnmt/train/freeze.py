@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
-from bertnmt.core.config import FreezeConfig, OptimConfig
+from bertnmt.core.config import FreezeConfig, OptimConfig, Policy, Unit
 from bertnmt.core.errors import ConfigError
-from bertnmt.train.freeze_rules import GROUPS, POLICIES, NameIndex, Rule, check_config, first_position, param_group, preset_rules
+from bertnmt.train.freeze_rules import GROUPS, NameIndex, Rule, check_config, first_position, param_group, preset_rules
 
-__all__ = ["FreezePolicy", "GROUPS", "POLICIES", "param_group", "schedule_table"]
+__all__ = ["FreezePolicy", "GROUPS", "param_group", "schedule_table"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class FreezePolicy:
         self.user_rules = check_config(cfg)  # ConfigError on syntax, windows, values
         self.epoch, self.step = 1, 0  # the position: the current epoch (1-based) and optimizer update (0-based)
         self.rules: list[Rule] = []  # compiled, bound to the model's names
-        self._model: Optional[weakref.ref] = None  # the bound model (a weak reference: ids get reused)
+        self._model: weakref.ref | None = None  # the bound model (a weak reference: ids get reused)
         self._params: dict[str, nn.Parameter] = {}
         self._matches: dict[str, list[int]] = {}  # parameter name -> indexes of the rules matching it
         self._key: Any = None  # the state last applied
@@ -53,20 +54,20 @@ class FreezePolicy:
 
     # -- position and binding ----------------------------------------------------------------------
     @property
-    def unit(self) -> str:
+    def unit(self) -> Unit:
         return self.cfg.unit
 
     @property
     def position(self) -> int:
         """Where the schedule is, in its own unit."""
-        return self.epoch if self.unit == "epoch" else self.step
+        return self.epoch if self.unit == Unit.epoch else self.step
 
-    def bind(self, model: nn.Module) -> "FreezePolicy":
+    def bind(self, model: nn.Module) -> FreezePolicy:
         """Compile the rules against ``model``'s parameter names; every name-dependent check happens here:
         a rule that matches no parameter, an unknown group or layer, two rules that contradict each other."""
         params = dict(model.named_parameters())
         index = NameIndex(list(params))
-        if self.cfg.policy == "gradual" and index.layer and not index.n_layers:
+        if self.cfg.policy == Policy.gradual and index.layer and not index.n_layers:
             raise ConfigError("freeze.policy='gradual': cannot find the layers of the pretrained encoder")
         rules, matches = [], {n: [] for n in params}
         for rule in preset_rules(self.cfg, index.n_layers) + self.user_rules:
@@ -93,7 +94,8 @@ class FreezePolicy:
             self.bind(model)
 
     def state_at(self, pos: int) -> tuple[dict[str, bool], dict[str, float]]:
-        """(trainable, lr multiplier) of every parameter at ``pos``; the last active trainable rule sets the multiplier."""
+        """(trainable, lr multiplier) of every parameter at ``pos``; the last active trainable rule sets
+        the multiplier."""
         active = [r.active(pos) for r in self.rules]
         trainable, mult = {}, {}
         for n, idx in self._matches.items():
@@ -114,7 +116,7 @@ class FreezePolicy:
         return sorted(edges)
 
     # -- applying ----------------------------------------------------------------------------------
-    def apply(self, model: nn.Module, epoch: Optional[int] = None, step: Optional[int] = None) -> bool:
+    def apply(self, model: nn.Module, epoch: int | None = None, step: int | None = None) -> bool:
         """Move to (epoch, step) and enforce the state there; True when the trainable set changed.
 
         Cheap when nothing changed, so the trainer calls it at each epoch start, after every
@@ -182,12 +184,12 @@ class FreezePolicy:
     def scale_lrs(self, optimizer: Any, base_lrs: list[float]) -> None:
         """Set each group's lr to the schedule's base lr times its parameters' multiplier (before ``step()``).
         A group of one class shares its multiplier; a group without "names" uses its "name"."""
-        for group, base in zip(optimizer.param_groups, base_lrs):
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             names = group.get("names") or [group.get("name", "")]
             group["lr"] = base * self._mult.get(names[0], 1.0)
 
     # -- reporting ---------------------------------------------------------------------------------
-    def active_rules(self, pos: Optional[int] = None) -> list[str]:
+    def active_rules(self, pos: int | None = None) -> list[str]:
         pos = self.position if pos is None else pos
         return [r.describe(pos) for r in self.rules if r.active(pos)]
 
@@ -201,7 +203,7 @@ class FreezePolicy:
                 g["trainable"] += p.numel()
         by_group = {g: by_group[g] for g in ordered_groups(by_group)}
         return {
-            "policy": self.cfg.policy,
+            "policy": self.cfg.policy.value,
             "trainable_params": sum(g["trainable"] for g in by_group.values()),
             "total_params": sum(g["total"] for g in by_group.values()),
             "params_by_group": by_group,
@@ -229,7 +231,7 @@ class FreezePolicy:
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The policy and its position (only str/int/list: loadable with ``weights_only=True``)."""
-        return {"policy": self.cfg.policy, "unit": self.unit, "epoch": self.epoch, "step": self.step,
+        return {"policy": self.cfg.policy.value, "unit": self.unit.value, "epoch": self.epoch, "step": self.step,
                 "rules": [r.describe() for r in self.rules]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -237,7 +239,7 @@ class FreezePolicy:
         self.epoch, self.step = int(state.get("epoch", 1)), int(state.get("step", 0))
         self._key = None
         theirs = (state.get("policy"), state.get("unit"), state.get("rules"))
-        ours = (self.cfg.policy, self.unit, [r.describe() for r in self.rules] if self.rules else theirs[2])
+        ours = (self.cfg.policy.value, self.unit.value, [r.describe() for r in self.rules] if self.rules else theirs[2])
         if theirs != ours:
             log.warning("resuming under another freeze policy: checkpoint %s/%s, now %s/%s",
                         theirs[0], theirs[1], ours[0], ours[1])
@@ -257,11 +259,11 @@ def schedule_table(policy: FreezePolicy, model: nn.Module, epochs: int, max_step
     policy._bound(model)
     numel = {n: p.numel() for n, p in model.named_parameters()}
     groups = ordered_groups(param_group(n) for n in numel)
-    if policy.unit == "epoch":
+    if policy.unit == Unit.epoch:
         positions = list(range(1, epochs + 1))
     else:
         positions = [p for p in policy.boundaries() if not max_steps or p < max_steps]
-    header = [policy.unit if policy.unit == "epoch" else "from step", "trainable/total", *groups, "active rules"]
+    header = ["epoch" if policy.unit == Unit.epoch else "from step", "trainable/total", *groups, "active rules"]
     rows = []
     for pos in positions:
         trainable, _ = policy.state_at(pos)
@@ -272,7 +274,7 @@ def schedule_table(policy: FreezePolicy, model: nn.Module, epochs: int, max_step
         rules = "; ".join(r.short(pos) for r in policy.rules if r.active(pos)) or "-"
         rows.append([str(pos), *cells, rules])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-    title = (f"freeze policy {policy.cfg.policy!r}, unit {policy.unit} "
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()  # noqa: E731
+    title = (f"freeze policy {policy.cfg.policy.value!r}, unit {policy.unit} "
              "(windows [start, end): epochs 1-based, steps 0-based optimizer updates)")
     return "\n".join([title, fmt(header), *map(fmt, rows)])

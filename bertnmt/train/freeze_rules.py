@@ -11,14 +11,11 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
 
-from bertnmt.core.config import FreezeConfig, FreezeRule
+from bertnmt.core.config import FreezeConfig, FreezeRule, Policy, Unit
 from bertnmt.core.errors import ConfigError
 from bertnmt.model.fusion import is_fusion_param
 
-POLICIES = ("frozen", "finetune", "unfreeze_after", "gradual", "nmt_frozen", "rules")
-UNITS = ("epoch", "step")
 GROUPS = ("bert", "fusion", "encoder", "decoder", "embeddings")
 EMBEDDINGS = ("embed_tokens.", "decoder_embed_tokens.", "output_projection.")
 _BERT_LAYER = re.compile(r"\.(?:layer|layers|block|blocks|h)\.(\d+)\.")  # HF block lists
@@ -29,7 +26,8 @@ def param_group(name: str) -> str:
     """The report group of a parameter.
 
     :class:`BertFusedTransformer`: ``bert`` (the pretrained encoder), ``fusion`` (the modules in
-    :data:`bertnmt.model.fusion.FUSION_MODULES`: ``*.bert_attn.*``, ``*.bert_attn_ln.*``, ``bert_mix.*``, ``bert_proj.*``),
+    :data:`bertnmt.model.fusion.FUSION_MODULES`: ``*.bert_attn.*``, ``*.bert_attn_ln.*``, ``bert_mix.*``,
+    ``bert_proj.*``),
     ``encoder``, ``decoder``, ``embeddings``. Any other module: the parameter's top-level child.
     """
     if name.startswith("bert."):
@@ -41,15 +39,15 @@ def param_group(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def bert_layer(name: str) -> Optional[int]:
+def bert_layer(name: str) -> int | None:
     """The block index of a ``bert.*`` parameter (``bert.model.encoder.layer.3.…`` -> 3), else None."""
     m = _BERT_LAYER.search(name) if name.startswith("bert.") else None
     return int(m.group(1)) if m else None
 
 
-def first_position(unit: str) -> int:
+def first_position(unit: Unit) -> int:
     """Epochs count from 1, steps (optimizer updates) from 0."""
-    return 1 if unit == "epoch" else 0
+    return 1 if unit == Unit.epoch else 0
 
 
 @dataclass(frozen=True)
@@ -59,8 +57,8 @@ class Rule:
     label: str  # "freeze.rules[2]" (a user rule) or "freeze.policy='gradual'" (a preset's)
     match: str
     frozen: bool
-    start: Optional[int]
-    end: Optional[int]
+    start: int | None
+    end: int | None
     lr_mult: float
     warmup: int
     first: int  # the first position of the unit
@@ -98,7 +96,7 @@ class Rule:
         """E.g. ``freeze.rules[1] (fc2.weight trains [2, inf))`` (for error messages)."""
         return f"{self.label} ({self.match} {'frozen' if self.frozen else 'trains'} {self.window()})"
 
-    def describe(self, pos: Optional[int] = None) -> str:
+    def describe(self, pos: int | None = None) -> str:
         """E.g. ``freeze.rules[0]: fc2.* frozen [1, 4)``; with ``pos``, the multiplier there."""
         what = "frozen" if self.frozen else "trains"
         text = f"{self.label}: {self.match} {what} {self.window()}"
@@ -111,7 +109,7 @@ class Rule:
         """E.g. ``fc2.* frozen`` or ``group:bert lr x0.5`` (for the dry-run table)."""
         return f"{self.match} {'frozen' if self.frozen else f'lr x{self.mult(pos):.3g}'}"
 
-    def overlaps(self, other: "Rule") -> bool:
+    def overlaps(self, other: Rule) -> bool:
         return max(self.lo, other.lo) < min(self.hi, other.hi)
 
 
@@ -133,7 +131,7 @@ def known_groups(extra: tuple[str, ...] = ()) -> str:
     return "known: " + ", ".join(names)
 
 
-def check_window(start: Optional[int], end: Optional[int], unit: str, key: str) -> None:
+def check_window(start: int | None, end: int | None, unit: str, key: str) -> None:
     """Positions exist (epochs >= 1, steps >= 0) and the window [start, end) is not empty."""
     first = first_position(unit)
     for name, v in (("start", start), ("end", end)):
@@ -159,17 +157,13 @@ def user_rule(r: FreezeRule, i: int, unit: str) -> Rule:
 
 def check_config(cfg: FreezeConfig) -> list[Rule]:
     """Everything checkable without a model; returns the compiled user rules."""
-    if cfg.policy not in POLICIES:
-        raise ConfigError(f"freeze.policy={cfg.policy!r} is not one of {', '.join(POLICIES)}")
-    if cfg.unit not in UNITS:
-        raise ConfigError(f"freeze.unit={cfg.unit!r} is not one of {', '.join(UNITS)}")
     first = first_position(cfg.unit)
     for key in ("bert_lr_mult", "warmup"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"freeze.{key}={getattr(cfg, key)} must not be negative")
     if cfg.every < 1:
         raise ConfigError(f"freeze.every={cfg.every} must be at least 1")
-    if cfg.policy == "unfreeze_after" and cfg.unfreeze_at is None:
+    if cfg.policy == Policy.unfreeze_after and cfg.unfreeze_at is None:
         raise ConfigError("freeze.unfreeze_at=null: policy unfreeze_after needs the epoch or step to unfreeze at")
     if cfg.unfreeze_at is not None and cfg.unfreeze_at < first:
         raise ConfigError(f"freeze.unfreeze_at={cfg.unfreeze_at} is before the first {cfg.unit} ({first})")
@@ -181,9 +175,9 @@ def check_config(cfg: FreezeConfig) -> list[Rule]:
 def preset_rules(cfg: FreezeConfig, n_layers: int) -> list[Rule]:
     """The rules a preset compiles into (``rules``: none). ``n_layers``: the pretrained encoder's blocks."""
     first, b, w = first_position(cfg.unit), float(cfg.bert_lr_mult), int(cfg.warmup)
-    label = f"freeze.policy={cfg.policy!r}"
+    label = f"freeze.policy={cfg.policy.value!r}"
 
-    def rule(match: str, frozen: bool, start: Optional[int] = None, end: Optional[int] = None, lr: float = 1.0,
+    def rule(match: str, frozen: bool, start: int | None = None, end: int | None = None, lr: float = 1.0,
              warmup: int = 0, required: bool = False) -> Rule:
         return Rule(label, match, frozen, start, end, lr, warmup, first, required)
 
@@ -192,18 +186,18 @@ def preset_rules(cfg: FreezeConfig, n_layers: int) -> list[Rule]:
         before = [rule(match, True, end=at)] if at > first else []
         return before + [rule(match, False, start=at, lr=b, warmup=w)]
 
-    if cfg.policy == "frozen":
+    if cfg.policy == Policy.frozen:
         return [rule("group:bert", True)]
-    if cfg.policy == "finetune":
+    if cfg.policy == Policy.finetune:
         return [rule("group:bert", False, lr=b)]
-    if cfg.policy == "unfreeze_after":
+    if cfg.policy == Policy.unfreeze_after:
         assert cfg.unfreeze_at is not None
         return unfreeze("group:bert", cfg.unfreeze_at)
-    if cfg.policy == "gradual":  # ULMFiT: top block first, one more every `every` units, embeddings last
+    if cfg.policy == Policy.gradual:  # ULMFiT: top block first, one more every `every` units, embeddings last
         start = first if cfg.unfreeze_at is None else cfg.unfreeze_at
         order = [f"group:bert.layer.{k}" for k in reversed(range(n_layers))] + ["group:bert.embeddings"]
         return [r for i, m in enumerate(order) for r in unfreeze(m, start + i * cfg.every)]
-    if cfg.policy == "nmt_frozen":  # only the new BERT-attention modules train (until `until`)
+    if cfg.policy == Policy.nmt_frozen:  # only the new BERT-attention modules train (until `until`)
         nmt = [rule(f"group:{g}", True, end=cfg.until, required=True) for g in ("encoder", "decoder", "embeddings")]
         return [rule("group:bert", True), *nmt, rule("group:fusion", False, required=True)]
     return []
@@ -233,7 +227,8 @@ class NameIndex:
             return [n for n, k in self.layer.items() if k is None]
         m = re.fullmatch(r"bert\.layer\.(-?\d+)", g)
         if m is None:
-            raise ConfigError(f"{rule.key()}: unknown parameter group {g!r} ({known_groups(tuple(self.group.values()))})")
+            known = known_groups(tuple(self.group.values()))
+            raise ConfigError(f"{rule.key()}: unknown parameter group {g!r} ({known})")
         k, n_layers = int(m.group(1)), self.n_layers
         if not self.layer:
             return []

@@ -10,7 +10,8 @@ from bertnmt.core.devices import autocast
 from bertnmt.data.collate import Batch
 
 
-def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad_id: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad_id: int,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label-smoothed cross entropy and summed NLL over non-pad tokens.
 
     ``logits`` (B, T, V) with ``target`` (B, T), or (N, V) with (N,). Equal to

@@ -5,8 +5,8 @@ invocation (``runs/<name>/<date>``). With ``trainer.resume=auto`` (the default),
 looks for the newest *unfinished* run of the same experiment — the folder itself or a sibling
 holding a ``config.yaml`` equal to this one (``output_dir`` and ``trainer.resume`` aside) and no
 ``summary.json`` — and continues in that folder; the fresh folder Hydra just made is removed (unless
-another process started in it too) and its log file moves along. ``trainer.resume=never`` always starts afresh; a checkpoint path resumes
-that checkpoint's stage from it, in the new folder.
+another process started in it too) and its log file moves along. ``trainer.resume=never`` always
+starts afresh; a checkpoint path resumes that checkpoint's stage from it, in the new folder.
 
 A finished stage leaves ``stage_<stage>.json`` (its summary) and is never trained again in that folder.
 """
@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bertnmt.core.atomic import write_text
-from bertnmt.core.config import Config
+from bertnmt.core.config import Config, to_plain_container
 from bertnmt.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_dict(cfg: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """``cfg`` as plain values (choices as their words), as ``config.yaml`` reads back."""
+    return to_plain_container(cfg)
 
 
 def save_config(cfg: Config, run_dir: Path) -> None:
@@ -97,7 +98,8 @@ def holder(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _busy(run_dir: Path, pid: Any) -> ConfigError:
-    return ConfigError(f"output folder {run_dir} is in use by process {pid}; wait for it or choose another hydra.run.dir")
+    return ConfigError(f"output folder {run_dir} is in use by process {pid}; "
+                       "wait for it or choose another hydra.run.dir")
 
 
 def _check_free(run_dir: Path) -> None:

@@ -21,22 +21,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from bertnmt.train import distributed  # DDP under torchrun; no-ops in one process
-from bertnmt.train.checkpoint import (BEST, LAST, latest_checkpoint, link_checkpoint, load_checkpoint, load_model_weights,
-                                model_weights, remove_temp_files, restore_old_drop_net, rng_state, rotate,
-                                save_checkpoint, set_rng_state, step_checkpoint)
-from bertnmt.core.config import Config
+from bertnmt.core.config import Config, Unit
+from bertnmt.core.devices import peak_memory_mb, pick_device
+from bertnmt.core.errors import CheckpointError, ConfigError, TrainingInterrupted
 from bertnmt.data.collate import Batch, make_loader
 from bertnmt.data.features import FeatureStore
 from bertnmt.data.prepare import PreparedData
 from bertnmt.decoding.loop import decode_split, options_from_eval
-from bertnmt.core.devices import autocast, peak_memory_mb, pick_device
-from bertnmt.train.early_stop import best_epoch, check_early_stop, early_stop_epoch, monitored
-from bertnmt.core.errors import CheckpointError, ConfigError, TrainingInterrupted
-from bertnmt.train.faults import StopSignal, UpdateGuard
-from bertnmt.train.freeze import FreezePolicy
 from bertnmt.decoding.metrics import corpus_scores
 from bertnmt.model.fusion import seed_drop_net, set_drop_net_on_device
+from bertnmt.train import distributed  # DDP under torchrun; no-ops in one process
+from bertnmt.train.checkpoint import (
+    BEST,
+    LAST,
+    latest_checkpoint,
+    link_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    model_weights,
+    remove_temp_files,
+    restore_old_drop_net,
+    rng_state,
+    rotate,
+    save_checkpoint,
+    set_rng_state,
+    step_checkpoint,
+)
+from bertnmt.train.early_stop import best_epoch, check_early_stop, early_stop_epoch, monitored
+from bertnmt.train.faults import StopSignal, UpdateGuard
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.train.loss import forward_loss
 from bertnmt.train.optim import inverse_sqrt, load_optimizer_state, make_optimizer, optimizer_state
 from bertnmt.train.results import append_jsonl, keep_until
@@ -84,7 +97,6 @@ class Trainer:
         self.cfg, self.model, self.data, self.policy = cfg, model, data, policy
         self.run_dir, self.stage, self.meta = Path(run_dir), stage, meta
         self.device = pick_device(cfg.trainer.device)
-        autocast(self.device, cfg.trainer.precision)  # a bad trainer.precision fails here, before any work
         if cfg.trainer.valid_bleu_every < 1:
             raise ConfigError(f"trainer.valid_bleu_every={cfg.trainer.valid_bleu_every} must be at least 1")
         check_early_stop(cfg.trainer.early_stop, cfg.trainer.valid_bleu, cfg.trainer.valid_bleu_every)
@@ -178,7 +190,7 @@ class Trainer:
             if key in state and len(state[key]) != n:
                 state[key] = [state[key][0]] * n
         self.scheduler.load_state_dict(state)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
 
     def _check_features(self) -> None:
@@ -187,8 +199,8 @@ class Trainer:
             self.features = {}
             for loader in (self.train_loader, self.valid_loader):
                 loader.dataset.features = None
-            log.info("[%s] feature cache off from epoch %d step %d: the pretrained encoder trains; H_B is computed live",
-                     self.stage, self.policy.epoch, self.step)
+            log.info("[%s] feature cache off from epoch %d step %d: the pretrained encoder trains; "
+                     "H_B is computed live", self.stage, self.policy.epoch, self.step)
 
     def _sync_policy(self, epoch: int, at_epoch_start: bool = False) -> None:
         """Apply the freeze policy at (epoch, step); log per-group counts at each epoch start and each switch."""
@@ -219,7 +231,7 @@ class Trainer:
         ntok = sum(b.ntokens for b in accum)
         if self._sums is None:  # an update outside train_epoch (benchmarks, tests)
             self._start_sums(pos)
-        if self.policy.unit == "step":
+        if self.policy.unit == Unit.step:
             self._sync_policy(epoch)  # requires_grad for this update, before its forward passes
         norm = self.replicas.begin_update(ntok, len(accum))  # all ranks' tokens / N (= ntok in one process)
         loss_sum, oom = None, False
@@ -276,8 +288,9 @@ class Trainer:
         sampler.set_epoch(epoch, skip=pos.batches_done)
         n_batches = len(sampler.batches())
         if pos.n_batches and pos.n_batches != n_batches:
-            raise CheckpointError(f"{self.resumed_from} was saved in an epoch of {pos.n_batches} batches, but this data "
-                                  f"gives {n_batches}: data or data.max_tokens changed; resume with the same settings")
+            raise CheckpointError(f"{self.resumed_from} was saved in an epoch of {pos.n_batches} batches, but "
+                                  f"this data gives {n_batches}: data or data.max_tokens changed; resume with the "
+                                  "same settings")
         pos.n_batches = n_batches
         batches = iter(self.train_loader)  # creating it draws from torch's RNG
         if self._resume_rng is not None:  # restore after that draw: the original run made it before its checkpoint
@@ -342,7 +355,8 @@ class Trainer:
             sums += torch.stack([loss.double(), nll.double()])
             ntok += batch.ntokens
         loss_sum, nll_sum = sums.tolist()
-        out = {"valid_loss": loss_sum / ntok, "valid_nll": nll_sum / ntok, "valid_ppl": math.exp(min(nll_sum / ntok, 50))}
+        out = {"valid_loss": loss_sum / ntok, "valid_nll": nll_sum / ntok,
+               "valid_ppl": math.exp(min(nll_sum / ntok, 50))}
         if self.cfg.trainer.valid_bleu if bleu is None else bleu:
             split = self.data.splits["valid"]
             opts = options_from_eval(self.cfg.eval, beam=1, precision=self.cfg.trainer.precision)
@@ -398,7 +412,8 @@ class Trainer:
             return False
         if result.stop != "early_stop":
             log.info("[%s] early stop after epoch %d: valid %s has not improved by more than %g for %d epoch(s); "
-                     "best epoch %s", self.stage, at, es.metric, es.min_delta, es.patience, best_epoch(result.epochs, es))
+                     "best epoch %s", self.stage, at, es.metric, es.min_delta, es.patience,
+                     best_epoch(result.epochs, es))
         result.stop = "early_stop"
         return True
 
@@ -472,12 +487,15 @@ class Trainer:
         skipped = (f" | skipped: {rec['skipped_nonfinite']} non-finite, {rec['skipped_oom']} out of memory"
                    if rec["skipped_nonfinite"] or rec["skipped_oom"] else "")
         log.info(
-            "[%s] epoch %d | %.1f s | %.0f tok/s | train loss %.3f | valid loss %.3f ppl %.2f |%s trainable %s/%s | peak mem %.0f MB%s",
+            "[%s] epoch %d | %.1f s | %.0f tok/s | train loss %.3f | valid loss %.3f ppl %.2f |%s trainable %s/%s "
+            "| peak mem %.0f MB%s",
             self.stage, rec["epoch"], rec["epoch_time_s"], rec["tokens_per_s"], rec["train_loss"], rec["valid_loss"],
-            rec["valid_ppl"], bleu, f"{rec['trainable_params']:,}", f"{rec['total_params']:,}", rec["peak_mem_mb"], skipped,
+            rec["valid_ppl"], bleu, f"{rec['trainable_params']:,}", f"{rec['total_params']:,}", rec["peak_mem_mb"],
+            skipped,
         )
         if self.writer is not None:
-            for k in ("train_loss", "valid_loss", "valid_ppl", "valid_bleu", "tokens_per_s", "epoch_time_s", "peak_mem_mb"):
+            for k in ("train_loss", "valid_loss", "valid_ppl", "valid_bleu", "tokens_per_s", "epoch_time_s",
+                      "peak_mem_mb"):
                 if k in rec:
                     self.writer.add_scalar(f"epoch/{k}", rec[k], rec["epoch"])
 
