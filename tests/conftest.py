@@ -1,7 +1,6 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Iterator
@@ -9,9 +8,8 @@ from typing import Iterator
 import pytest
 
 from bertnmt.model.fusion import seed_drop_net
-
-# The read-only corpus mirror: $BERTNMT_MIRROR when set, else next to the repository (../shared/data).
-MIRROR_DIR = Path(os.environ.get("BERTNMT_MIRROR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+from tests.helpers import MIRROR_DIR
+from tests.helpers.tiny_encoder import make_tiny_bert
 
 
 @pytest.fixture
@@ -21,6 +19,13 @@ def mirror(monkeypatch: pytest.MonkeyPatch) -> Path:
         pytest.skip(f"corpus mirror {MIRROR_DIR} is absent")
     monkeypatch.setenv("BERTNMT_MIRROR", str(MIRROR_DIR))
     return MIRROR_DIR
+
+
+@pytest.fixture(scope="session")
+def bert_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The one plain tiny random BERT folder (2 layers, hidden 32, MiniLM's WordPiece tokenizer, seed 0), built once
+    a session; tests only read it (a test that writes into an encoder folder builds its own)."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert", numbered=False))
 
 
 @pytest.fixture(autouse=True)
