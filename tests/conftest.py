@@ -12,6 +12,16 @@ from tests.helpers import MIRROR_DIR
 from tests.helpers.tiny_encoder import make_tiny_bert
 
 
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e ``e2e``, so ``-m "not e2e"`` selects the unit tests wherever they are run."""
+    for item in items:
+        if E2E_DIR in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture
 def mirror(monkeypatch: pytest.MonkeyPatch) -> Path:
     """The local corpus mirror, exported as BERTNMT_MIRROR; skips the test when it is absent."""
