@@ -1,11 +1,24 @@
 """The package's layers import one way only: the import-linter contracts in pyproject.toml hold."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _loggers_stay_enabled() -> Iterator[None]:
+    """import-linter configures logging with ``disable_existing_loggers``: without this, every bertnmt logger that
+    existed before stays disabled for the rest of the session, and later tests that check a log line fail."""
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    before = [lg.disabled for lg in loggers]
+    yield
+    for lg, disabled in zip(loggers, before):
+        lg.disabled = disabled
 
 
 def test_import_contracts_are_kept():
