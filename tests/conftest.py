@@ -1,13 +1,21 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-# The read-only corpus mirror: $BERTNMT_MIRROR when set, else next to the repository (../shared/data).
-MIRROR_DIR = Path(os.environ.get("BERTNMT_MIRROR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+from tests.helpers import MIRROR_DIR
+from tests.helpers.tiny_encoder import make_tiny_bert
+
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e ``e2e``, so ``-m "not e2e"`` selects the unit tests wherever they are run."""
+    for item in items:
+        if E2E_DIR in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture
@@ -17,3 +25,10 @@ def mirror(monkeypatch: pytest.MonkeyPatch) -> Path:
         pytest.skip(f"corpus mirror {MIRROR_DIR} is absent")
     monkeypatch.setenv("BERTNMT_MIRROR", str(MIRROR_DIR))
     return MIRROR_DIR
+
+
+@pytest.fixture(scope="session")
+def bert_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The one plain tiny random BERT folder (2 layers, hidden 32, MiniLM's WordPiece tokenizer, seed 0), built once
+    a session; tests only read it (a test that writes into an encoder folder builds its own)."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert", numbered=False))

@@ -4,7 +4,7 @@
 backward and optimizer alike). An op is *kernel-launching* unless it only makes a view or reads
 metadata (:func:`launches_kernel`): on a GPU each launching op is at least one kernel launch, so
 their count bounds how host-bound a small model's step is. The same counter backs the no-sync test
-(``tests/test_opcount.py``) and ``scripts/bench.py``'s op columns.
+(``tests/unit/test_opcount.py``) and ``scripts/bench.py``'s op columns.
 
 A *host sync* is an op whose result the host must wait for, or whose output shape depends on
 values (:func:`host_sync`): ``.item()`` / ``float(t)`` / ``bool(t)`` (``aten._local_scalar_dense``),
