@@ -16,58 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from bertnmt.errors import BertNMTError, ConfigError, TrainingInterrupted
-
-_NOISE = ("full_key:", "reference_type=", "object_type=", "See https://", "Set the environment variable HYDRA_FULL_ERROR")
-
-
-def one_line(exc: BaseException) -> str:
-    """A Hydra / OmegaConf exception (and its cause) as one line, without the key-path and search-path noise."""
-    parts: list[str] = []
-    options: list[str] = []
-    keys: list[str] = []
-    skip = False
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        for line in str(e).splitlines():
-            text = line.strip()
-            if text.startswith("full_key:") and text[9:].strip():
-                keys.append(text[9:].strip())
-            if not text or text.startswith(_NOISE):
-                continue
-            if text.startswith("Config search path"):
-                skip = True
-            elif line.startswith("\t") and options and not skip:
-                options.append(text)
-            elif not line.startswith("\t"):
-                skip = False
-                if text.startswith("Available options"):
-                    options = [text.rstrip(":") + ":"]
-                else:
-                    parts.append(text.rstrip("."))
-        if options:
-            parts.append(options[0] + " " + ", ".join(options[1:]))
-            options = []
-        e = e.__cause__
-    out = "; ".join(parts) or type(exc).__name__
-    missing = [k for k in dict.fromkeys(keys) if k not in out]
-    return out + (f" (key {', '.join(missing)})" if missing else "")
-
-
-def check_writable(folder: Path, key: str) -> None:
-    """``folder`` exists as a writable folder or can be created (its nearest existing ancestor is one)."""
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{key}={folder}: cannot create the output folder, {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={folder}: cannot create the output folder, {probe} is not writable")
-
+from bertnmt.core.atomic import check_writable
+from bertnmt.core.errors import BertNMTError, ConfigError, TrainingInterrupted, one_line
 
 def _schema_node(schema: Any, key: str) -> str | None:
     """Why ``key`` is not a key of the schema (a sentence), or None when it is one.
@@ -97,7 +47,7 @@ def check_keys(conf_dir: Path, argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from bertnmt.config import Config
+    from bertnmt.core.config import Config
 
     try:
         overrides = OverridesParser.create().parse_overrides(argv)
@@ -116,7 +66,7 @@ def check_keys(conf_dir: Path, argv: list[str]) -> None:
 def check_command_line(conf_dir: Path, argv: list[str], config_name: str = "config") -> None:
     """Compose ``argv``'s overrides like Hydra will; a ConfigError names the key, value or option at fault.
 
-    Also checks the values (:func:`bertnmt.config.check_values`) and that ``data.cache_dir`` can be
+    Also checks the values (:func:`bertnmt.core.config.check_values`) and that ``data.cache_dir`` can be
     written. Command lines with Hydra flags (``--multirun``, ``--cfg``, ``--help``, ...) are left to Hydra.
     """
     if any(a.startswith("-") for a in argv):
@@ -124,7 +74,7 @@ def check_command_line(conf_dir: Path, argv: list[str], config_name: str = "conf
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from bertnmt.config import check_values, register_configs, to_config
+    from bertnmt.core.config import check_values, register_configs, to_config
 
     register_configs()
     check_keys(conf_dir, argv)

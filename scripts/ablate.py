@@ -14,9 +14,9 @@ import argparse
 import logging
 import sys
 
-from bertnmt.ablation import LAUNCHERS, ROWS, parse_seeds, plan_jobs, run_ablation
-from bertnmt.ablation_report import write_report
-from bertnmt.errors import BertNMTError, ConfigError, TrainingInterrupted
+from bertnmt.experiments.ablation import LAUNCHERS, run_ablation, write_reports
+from bertnmt.experiments.rows import ROWS, parse_seeds, plan_jobs
+from bertnmt.core.errors import BertNMTError, ConfigError, TrainingInterrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
         if args.report_only:
             jobs = ([(r.name, s) for r, s in plan_jobs(args.rows, seeds or [1])] if args.converge else None)
-            md = write_report(out, jobs=jobs)
+            md = write_reports(out, jobs=jobs)
         else:
             md = run_ablation(out, args.rows, args.overrides, seeds, args.launcher, converge=args.converge)
         if args.doc:
-            from bertnmt.convergence_report import converged_table, update_doc
+            from bertnmt.experiments.convergence_report import converged_table, update_doc
 
             update_doc(args.doc, converged_table(out, [(r.name, s) for r, s in plan_jobs(args.rows, seeds or [1])]))
     except BertNMTError as e:

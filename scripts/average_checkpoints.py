@@ -13,7 +13,7 @@ import logging
 import sys
 
 from bertnmt.cli import tool_exit_code
-from bertnmt.errors import BertNMTError
+from bertnmt.core.errors import BertNMTError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from bertnmt.averaging import average_checkpoints, last_checkpoints
+    from bertnmt.train.averaging import average_checkpoints, last_checkpoints
 
     def run() -> None:
         if args.last is not None:

@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from bertnmt.evaluate import evaluate, format_record
+    from bertnmt.inference.evaluate import evaluate, format_record
 
     def run() -> None:
         rec = evaluate(args.model, split=args.split, src=args.src, ref=args.ref, beam=args.beam, lenpen=args.lenpen,

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", help="the run's config.yaml, for a checkpoint that carries none (older runs)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from bertnmt.export import export_model
+    from bertnmt.recipe.export import export_model
 
     code = tool_exit_code(lambda: print(export_model(args.source, args.out, vocab=args.vocab, config=args.config)))
     if code:

@@ -13,18 +13,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bertnmt import distributed
+from bertnmt.train import distributed
 from bertnmt.cli import check_command_line, exit_code
-from bertnmt.config import register_configs, to_config
+from bertnmt.core.config import register_configs, to_config
+from bertnmt.core.paths import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
-    from bertnmt.pipeline import run  # torch and the model load only after the command line was checked
-    from bertnmt.rundir import join
+    from bertnmt.recipe.pipeline import run  # torch and the model load only after the command line was checked
+    from bertnmt.train.rundir import join
 
     cfg = to_config(dcfg)
     cfg.output_dir = HydraConfig.get().runtime.output_dir
@@ -35,7 +35,7 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    code = exit_code(lambda: check_command_line(CONF, sys.argv[1:]))
+    code = exit_code(lambda: check_command_line(CONF_DIR, sys.argv[1:]))
     if code:
         raise SystemExit(code)
     sys.argv = distributed.hydra_argv(sys.argv)  # torchrun: ranks > 0 make no run folder of their own

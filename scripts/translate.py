@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bertnmt.cli import tool_exit_code
-from bertnmt.errors import DataError
+from bertnmt.core.errors import DataError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def translate(args: argparse.Namespace) -> None:
     from bertnmt.data.corpora import StreamLines, read_lines
-    from bertnmt.export import load_model
-    from bertnmt.translator import format_hypotheses
+    from bertnmt.inference.loading import load_model
+    from bertnmt.inference.translator import format_hypotheses
 
     fmt = args.format if args.format != "auto" else ("plain" if args.nbest == 1 else "fairseq")
     sources = read_lines(Path(args.input)) if args.input else None  # a bad file fails before the model loads

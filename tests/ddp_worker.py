@@ -2,7 +2,7 @@
 ``python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py BERT_PATH OUT_DIR`` (gloo, CPU),
 and in the test process itself as the one-process reference (:func:`run_scenario`).
 
-Each scenario trains the tiny fused model on a small random corpus through :class:`bertnmt.training.Trainer`
+Each scenario trains the tiny fused model on a small random corpus through :class:`bertnmt.train.trainer.Trainer`
 and saves ``OUT_DIR/<scenario>.rank<r>.pt``: the final weights, the drop-net draws, the number of DDP
 wrappers built, the step count and the per-epoch records.
 """
@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from bertnmt import distributed
-from bertnmt.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
+from bertnmt.train import distributed
+from bertnmt.core.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
 from bertnmt.data.prepare import PreparedData
-from bertnmt.freeze import FreezePolicy
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.model import decoder, encoder
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
-from bertnmt.training import Trainer
+from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 
 # name -> (model overrides, freeze policy, epochs, accum_steps per rank under DDP)

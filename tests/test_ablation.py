@@ -13,13 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bertnmt.ablation import (
-    CONF_DIR, ROWS, ROW_BY_NAME, check_shared_baseline, compose_row, compose_rows, multirun_command, parse_seeds, row_dir,
-    run_ablation, select_rows,
-)
-from bertnmt.ablation_report import collect, deltas, table_markdown, write_report
-from bertnmt.errors import ConfigError
-from bertnmt.pipeline import baseline_key, check_freeze, scratch_trainer
+from bertnmt.core.paths import CONF_DIR
+from bertnmt.experiments.ablation import check_shared_baseline, compose_row, compose_rows, multirun_command, run_ablation
+from bertnmt.experiments.rows import ROW_BY_NAME, ROWS, parse_seeds, row_dir, select_rows
+from bertnmt.experiments.ablation_report import collect, deltas, table_markdown, write_report
+from bertnmt.core.errors import ConfigError
+from bertnmt.recipe.pipeline import baseline_key, check_freeze, scratch_trainer
 
 try:
     from tests.tiny_encoder import make_tiny_bert
@@ -131,7 +130,7 @@ def test_warm_started_rows_share_one_baseline() -> None:
     # the README's main job (+exp=frozen_bert) trains the same baseline: its cache serves the table
     from hydra import compose, initialize_config_dir
 
-    from bertnmt.config import to_config
+    from bertnmt.core.config import to_config
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         main_job = to_config(compose(config_name="config", overrides=["+exp=frozen_bert"]))
@@ -266,8 +265,8 @@ def test_toy_table_runs_every_row_through_multirun_and_resumes(tmp_path: Path, t
 
 # -- the converged sweep ------------------------------------------------------------------------
 def test_early_stopping_rule_is_a_function_of_the_epoch_records() -> None:
-    from bertnmt.config import EarlyStopConfig
-    from bertnmt.early_stop import best_epoch, check_early_stop, early_stop_epoch
+    from bertnmt.core.config import EarlyStopConfig
+    from bertnmt.train.early_stop import best_epoch, check_early_stop, early_stop_epoch
 
     recs = [{"epoch": i + 1, "valid_loss": v, "valid_bleu": b}
             for i, (v, b) in enumerate([(3.0, 10), (2.5, 12), (2.49, 11), (2.6, 13), (2.7, 12.5)])]
@@ -288,7 +287,7 @@ def test_early_stopping_rule_is_a_function_of_the_epoch_records() -> None:
 
 
 def test_converge_preset_and_job_order() -> None:
-    from bertnmt.ablation import plan_jobs
+    from bertnmt.experiments.rows import plan_jobs
 
     cfg = compose_row(ROW_BY_NAME["fused"], ["trainer=converge"])
     es = cfg.trainer.early_stop
@@ -314,8 +313,8 @@ def _hyps(out: Path, row: str, seed: int, refs: list[str], hyps: list[str]) -> N
 
 
 def test_converged_table_with_pending_rows_and_paired_bootstrap(tmp_path: Path) -> None:
-    from bertnmt.convergence_report import END, START, converged_table, update_doc
-    from bertnmt.significance import paired_bootstrap
+    from bertnmt.experiments.convergence_report import END, START, converged_table, update_doc
+    from bertnmt.decoding.significance import paired_bootstrap
 
     refs = [f"ein hund spielt im park nummer {i}" for i in range(200)]
     weak = [r if i % 3 else "ein hund" for i, r in enumerate(refs)]
@@ -361,8 +360,8 @@ def test_converged_table_with_pending_rows_and_paired_bootstrap(tmp_path: Path) 
 
 
 def test_an_unfinished_row_of_the_same_config_is_kept(tmp_path: Path) -> None:
-    from bertnmt.ablation import is_resumable
-    from bertnmt.rundir import save_config
+    from bertnmt.experiments.ablation import is_resumable
+    from bertnmt.train.rundir import save_config
 
     cfg = compose_row(ROW_BY_NAME["fused"], ["trainer=converge"], seed=2)
     d = row_dir(tmp_path, "fused", 2)
@@ -381,7 +380,7 @@ def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Pat
                                                                   caplog) -> None:
     import logging
 
-    from bertnmt.training import Trainer
+    from bertnmt.train.trainer import Trainer
 
     custom = write_toy_corpus(tmp_path / "corpus")
     overrides = custom_overrides(custom) + [
@@ -432,8 +431,8 @@ def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Pat
 
 
 def test_a_failed_run_does_not_stop_the_sweep(tmp_path: Path, monkeypatch) -> None:
-    import bertnmt.ablation as ablation
-    from bertnmt.errors import TrainingError
+    import bertnmt.experiments.ablation as ablation
+    from bertnmt.core.errors import TrainingError
 
     ran = []
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bertnmt import atomic
-from bertnmt.checkpoint import save_checkpoint
-from bertnmt.errors import CheckpointError, OutputError
+from bertnmt.core import atomic
+from bertnmt.train.checkpoint import save_checkpoint
+from bertnmt.core.errors import CheckpointError, OutputError
 
 
 def no_space(*args: object, **kwargs: object) -> None:

@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-from bertnmt.checkpoint import model_weights, save_checkpoint
-from bertnmt.config import ModelConfig
+from bertnmt.train.checkpoint import model_weights, save_checkpoint
+from bertnmt.core.config import ModelConfig
 from bertnmt.model.nmt import BertFusedTransformer
 from tiny_encoder import make_tiny_bert
 from train_cli import run_train

@@ -23,7 +23,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bertnmt.checkpoint import load_checkpoint, save_checkpoint
+from bertnmt.train.checkpoint import load_checkpoint, save_checkpoint
 from tool_model import make_run
 from train_cli import ROOT, train_env
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from bertnmt.bench import BenchSpec, compose_cfg, main, worker
+from bertnmt.experiments.bench import BenchSpec, compose_cfg, main, worker
 
 try:
     from tests.tiny_encoder import make_tiny_bert

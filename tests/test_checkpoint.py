@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertnmt.checkpoint import FORMAT_VERSION, load_checkpoint, model_weights, save_checkpoint, warm_start
-from bertnmt.config import BertConfig, ModelConfig
-from bertnmt.errors import CheckpointError
+from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, model_weights, save_checkpoint, warm_start
+from bertnmt.core.config import BertConfig, ModelConfig
+from bertnmt.core.errors import CheckpointError
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
 from tiny_encoder import make_tiny_bert

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertnmt.config import FreezeConfig
+from bertnmt.core.config import FreezeConfig
 from bertnmt.model.fusion import set_drop_net_on_device
 from test_features import bert_path, fake_data, make_trainer  # noqa: F401  (bert_path: the fixture)
 
@@ -40,7 +40,7 @@ def test_training_forward_and_loss_compile_as_one_graph(bert_path: str, tmp_path
     """fullgraph=True: no graph break in the fused model's training forward (drop-net on, drawn on the device),
     the loss included, on bucket-padded shapes; a data-dependent branch or shape would raise here."""
     from bertnmt.model.nmt import BertFusedTransformer
-    from bertnmt.training import smoothed_loss
+    from bertnmt.train.trainer import smoothed_loss
     from test_features import TINY, fused_model
 
     torch._dynamo.reset()

@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from bertnmt.config import Config, check_values, register_configs, to_config
-from bertnmt.errors import ConfigError
+from bertnmt.core.config import Config, check_values, register_configs, to_config
+from bertnmt.core.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))

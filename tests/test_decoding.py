@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from bertnmt.config import Config, DataConfig, EvalConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
-from bertnmt.decoding import DecodeOptions, decode_corpus, length_batches
-from bertnmt.errors import ConfigError
-from bertnmt.freeze import FreezePolicy
+from bertnmt.core.config import Config, DataConfig, EvalConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
+from bertnmt.decoding.loop import DecodeOptions, decode_corpus, length_batches
+from bertnmt.core.errors import ConfigError
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.model.nmt import BertFusedTransformer
-from bertnmt.search import beam_search, greedy_search, max_lengths
-from bertnmt.training import Trainer
+from bertnmt.decoding.search import beam_search, greedy_search, max_lengths
+from bertnmt.train.trainer import Trainer
 from fake_data import fake_data
 from test_search import BOS, EOS, PAD, UNK, batch, bert, make_model, pad_seqs, random_sents  # noqa: F401 (bert: fixture)
 

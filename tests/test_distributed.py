@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertnmt import distributed
+from bertnmt.train import distributed
 from bertnmt.data.batching import TokenBatchSampler
-from bertnmt.errors import ConfigError
+from bertnmt.core.errors import ConfigError
 from bertnmt.model import fusion
 from ddp_worker import SCENARIOS, make_model, run_scenario
 from tiny_encoder import make_tiny_bert
@@ -71,7 +71,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 
 def pretrained(bert_path: str, name: str) -> dict[str, torch.Tensor]:
     overrides = SCENARIOS[name][0]
-    from bertnmt.config import ModelConfig
+    from bertnmt.core.config import ModelConfig
 
     model = make_model(bert_path, ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, **overrides))
     return {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -222,7 +222,7 @@ def test_torchrun_train_py_writes_one_run_from_rank_0(tmp_path: Path, bert_path:
 
 
 def test_bench_ddp_plans_the_same_batches_for_every_run(capsys: pytest.CaptureFixture) -> None:
-    from bertnmt import bench_ddp
+    from bertnmt.experiments import bench_ddp
 
     with pytest.raises(SystemExit):
         bench_ddp.main(["--steps", "63", "--nproc", "2"])

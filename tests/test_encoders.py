@@ -12,12 +12,12 @@ import sacrebleu
 import torch
 from hydra import compose, initialize_config_dir
 
-from bertnmt.config import BertConfig, register_configs
+from bertnmt.core.config import BertConfig, register_configs
 from bertnmt.data.tokenize import EncoderTokenizer
-from bertnmt.errors import ConfigError
-from bertnmt.export import load_model
+from bertnmt.core.errors import ConfigError
+from bertnmt.inference.loading import load_model
 from bertnmt.model.pretrained import PretrainedEncoder, check_tokenizer
-from bertnmt.pipeline import run
+from bertnmt.recipe.pipeline import run
 from conftest import MIRROR_DIR
 from tiny_encoders import FAMILIES, KOREAN_FAMILIES, make_encoder, tatoeba_columns, tiny_config
 

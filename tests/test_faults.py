@@ -14,14 +14,14 @@ from typing import Callable
 import pytest
 import torch
 
-from bertnmt.checkpoint import LAST, load_checkpoint, save_checkpoint, step_checkpoints
+from bertnmt.train.checkpoint import LAST, load_checkpoint, save_checkpoint, step_checkpoints
 from bertnmt.cli import exit_code
-from bertnmt.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
+from bertnmt.core.config import BertConfig, Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
 from bertnmt.data.prepare import PreparedData
-from bertnmt.errors import CheckpointError, TrainingError, TrainingInterrupted
-from bertnmt.freeze import FreezePolicy
+from bertnmt.core.errors import CheckpointError, TrainingError, TrainingInterrupted
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.model.nmt import BertFusedTransformer
-from bertnmt.training import Trainer
+from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
 
@@ -244,7 +244,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused(tmp_path: Path) -> None:
 
 
 def test_trust_remote_code_is_off_unless_set_and_logged_when_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from bertnmt.pipeline import run
+    from bertnmt.recipe.pipeline import run
 
     bert = make_tiny_bert(tmp_path / "bert")
     caplog.set_level(logging.INFO)
@@ -289,8 +289,8 @@ def test_a_damaged_cached_baseline_is_trained_again(tmp_path: Path, monkeypatch:
                                                     caplog: pytest.LogCaptureFixture) -> None:
     from types import SimpleNamespace
 
-    from bertnmt import pipeline
-    from bertnmt.checkpoint import model_weights
+    from bertnmt.recipe import pipeline
+    from bertnmt.train.checkpoint import model_weights
 
     trained: list[Path] = []
 
@@ -309,7 +309,7 @@ def test_a_damaged_cached_baseline_is_trained_again(tmp_path: Path, monkeypatch:
     assert len(trained) == 1 and ckpt.read_bytes() == trained[0].read_bytes()
     assert "reused_from" in pipeline.ensure_baseline(cfg, data, tmp_path, {})[1] and len(trained) == 1  # reused
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a kill or a full disk cut it short
-    caplog.set_level(logging.WARNING, logger="bertnmt.pipeline")
+    caplog.set_level(logging.WARNING, logger="bertnmt.recipe.pipeline")
     again, summary = pipeline.ensure_baseline(cfg, data, tmp_path, {})
     assert len(trained) == 2 and "reused_from" not in summary  # trained again, not loaded
     assert f"the cached baseline {ckpt.parent} is unreadable" in caplog.text and "training it again" in caplog.text

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from bertnmt.config import BertConfig, Config, DataConfig, FreezeConfig, FreezeRule, ModelConfig, OptimConfig, TrainerConfig
+from bertnmt.core.config import BertConfig, Config, DataConfig, FreezeConfig, FreezeRule, ModelConfig, OptimConfig, TrainerConfig
 from bertnmt.data.collate import make_loader
 from bertnmt.data.features import estimate_bytes, feature_cache
 from bertnmt.data.prepare import PreparedData
-from bertnmt.errors import ConfigError
-from bertnmt.freeze import FreezePolicy
+from bertnmt.core.errors import ConfigError
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
-from bertnmt.training import Trainer
+from bertnmt.train.trainer import Trainer
 from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
 
@@ -173,7 +173,7 @@ def test_cached_and_live_training_give_the_same_losses(bert_path: str, tmp_path:
 
 def test_cache_is_never_served_once_the_encoder_trains(bert_path: str, tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="bertnmt.training")
+    caplog.set_level(logging.INFO, logger="bertnmt.train.trainer")
     data = fake_data(tmp_path / "data")
     trainer, losses, calls = make_trainer(bert_path, data, FreezeConfig(policy="unfreeze_after", unfreeze_at=2),
                                           tmp_path / "run", 1, True)
@@ -228,7 +228,7 @@ def test_a_full_disk_while_building_is_one_line_and_leaves_nothing(bert_path: st
     import errno
 
     from bertnmt.data import features
-    from bertnmt.errors import OutputError
+    from bertnmt.core.errors import OutputError
 
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

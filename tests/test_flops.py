@@ -9,8 +9,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bertnmt.config import BertConfig, ModelConfig
-from bertnmt.flops import EncoderDims, encoder_forward_flops, nmt_forward_flops, training_flops
+from bertnmt.core.config import BertConfig, ModelConfig
+from bertnmt.experiments.flops import EncoderDims, encoder_forward_flops, nmt_forward_flops, training_flops
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
 from tiny_encoder import make_tiny_bert
@@ -54,8 +54,8 @@ def test_training_flops_floors_are_ordered() -> None:
 
 
 def test_beam_decode_flops_match_torch(tmp_path: Path) -> None:
-    from bertnmt.flops import beam_decode_flops
-    from bertnmt.search import DecodeOptions, beam_search
+    from bertnmt.experiments.flops import beam_decode_flops
+    from bertnmt.decoding.search import DecodeOptions, beam_search
 
     bert = PretrainedEncoder(BertConfig(path=make_tiny_bert(tmp_path)))
     B, S, E, K, L = 2, 7, 9, 3, 4

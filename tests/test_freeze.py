@@ -15,15 +15,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from bertnmt.config import (BertConfig, Config, DataConfig, FreezeConfig, FreezeRule, ModelConfig, OptimConfig,
+from bertnmt.core.config import (BertConfig, Config, DataConfig, FreezeConfig, FreezeRule, ModelConfig, OptimConfig,
                             TrainerConfig, register_configs, to_config)
 from bertnmt.data.prepare import PreparedData
-from bertnmt.errors import ConfigError
-from bertnmt.freeze import FreezePolicy
-from bertnmt.optim import load_optimizer_state, optimizer_state
+from bertnmt.core.errors import ConfigError
+from bertnmt.train.freeze import FreezePolicy
+from bertnmt.train.optim import load_optimizer_state, optimizer_state
 from bertnmt.model.nmt import BertFusedTransformer
 from bertnmt.model.pretrained import PretrainedEncoder
-from bertnmt.training import Trainer, smoothed_loss
+from bertnmt.train.trainer import Trainer, smoothed_loss
 from fake_data import fake_data as shared_fake_data
 from tiny_encoder import make_tiny_bert
 
@@ -376,7 +376,7 @@ def make_trainer(bert_path: str, freeze: FreezeConfig, epochs: int, run_dir: Pat
 
 
 def test_trainer_reports_each_epoch_and_logs_the_switch(bert_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="bertnmt.training")
+    caplog.set_level(logging.INFO, logger="bertnmt.train.trainer")
     trainer = make_trainer(bert_path, FreezeConfig(policy="unfreeze_after", unfreeze_at=2), 2, tmp_path)
     pretrained = bert_snapshot(fused_model(bert_path))
     trainer.fit()
@@ -404,7 +404,7 @@ def test_trainer_reports_each_epoch_and_logs_the_switch(bert_path: str, tmp_path
 ], ids=["epoch", "step"])
 def test_resume_mid_schedule_is_exact(bert_path: str, tmp_path: Path, freeze: FreezeConfig,
                                      caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="bertnmt.training")
+    caplog.set_level(logging.INFO, logger="bertnmt.train.trainer")
     straight = make_trainer(bert_path, freeze, 4, tmp_path / "a")
     straight.fit()
     switch = "epoch 3 step 6 | freeze switch" if freeze.unit == "epoch" else "epoch 3 step 7 | freeze switch"
@@ -440,7 +440,7 @@ def test_dry_run_prints_the_table_without_data(bert_path: str, tmp_path: Path) -
 
 
 def test_a_bad_rule_fails_before_any_data(bert_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bertnmt.pipeline as pipeline
+    import bertnmt.recipe.pipeline as pipeline
 
     def no_data(*args, **kwargs):
         raise AssertionError("data was loaded before the freeze config was checked")

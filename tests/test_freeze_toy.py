@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from bertnmt.config import FreezeConfig, FreezeRule, OptimConfig, register_configs, to_config
-from bertnmt.freeze import FreezePolicy, schedule_table
+from bertnmt.core.config import FreezeConfig, FreezeRule, OptimConfig, register_configs, to_config
+from bertnmt.train.freeze import FreezePolicy, schedule_table
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -137,7 +137,7 @@ def test_fully_frozen_submodules_stay_in_eval_mode_through_train() -> None:
     [FreezeRule(match="fc2.*", frozen=True), FreezeRule(match="fc2.weight", frozen=False, start=2)],
 ])
 def test_contradicting_rules_on_a_generic_module(rules: list[FreezeRule]) -> None:
-    from bertnmt.errors import ConfigError
+    from bertnmt.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"freeze.rules\[0\].*freeze.rules\[1\].*contradict each other on fc2.weight"):
         FreezePolicy(FreezeConfig(policy="rules", rules=rules)).bind(Toy())

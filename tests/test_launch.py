@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from bertnmt.config import register_configs
+from bertnmt.core.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()

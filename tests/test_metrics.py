@@ -6,8 +6,8 @@ import logging
 import pytest
 import sacrebleu
 
-from bertnmt import metrics
-from bertnmt.metrics import BleuOptions, bleu_tokenizer_for, corpus_scores, paper_options
+from bertnmt.decoding import metrics
+from bertnmt.decoding.metrics import BleuOptions, bleu_tokenizer_for, corpus_scores, paper_options
 
 HYP = ["나는 어제 학교에 갔다.", "고양이가 밥을 먹었어요."]
 REF = ["나는 어제 학교에 갔어요.", "고양이는 밥을 먹었어요."]

@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from bertnmt.config import BertConfig, ModelConfig
+from bertnmt.core.config import BertConfig, ModelConfig
 from bertnmt.model.fusion import seed_drop_net
-from bertnmt.errors import ConfigError
+from bertnmt.core.errors import ConfigError
 from bertnmt.model import (
     BertFusedTransformer,
     FusedDecoderLayer,
@@ -245,7 +245,7 @@ def test_offline_default_encoder():
 def test_smoothed_loss_equals_torch_cross_entropy_and_keep_skips_padding() -> None:
     import torch.nn.functional as F
 
-    from bertnmt.training import smoothed_loss
+    from bertnmt.train.trainer import smoothed_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 11, generator=g, requires_grad=True)  # (B, T, V)
@@ -276,8 +276,8 @@ def test_keep_returns_the_logits_of_the_kept_positions() -> None:
 
 def test_trainer_precision_selects_autocast_and_rejects_typos() -> None:
     from bertnmt.data.collate import Batch
-    from bertnmt.devices import autocast
-    from bertnmt.training import forward_loss
+    from bertnmt.core.devices import autocast
+    from bertnmt.train.trainer import forward_loss
 
     cpu = torch.device("cpu")
     a, b = torch.randn(4, 8), torch.randn(8, 3)
@@ -305,7 +305,7 @@ def test_bf16_autocast_keeps_layer_norm_and_the_loss_in_fp32() -> None:
     """Under bf16 autocast (the CPU's does not do this by itself) layer norm and the loss run in fp32; the
     matrix products in bf16. The loss stays within bf16 rounding of the fp32 one."""
     from bertnmt.model.layers import LayerNorm
-    from bertnmt.training import smoothed_loss
+    from bertnmt.train.trainer import smoothed_loss
 
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=32, ffn_dim=64, heads=2, enc_layers=2, dec_layers=2, dropout=0.0, fused=False)

@@ -1,4 +1,4 @@
-"""The Trainer's update at the ATen level (bertnmt.opcount): no op that makes the host wait for the device, and
+"""The Trainer's update at the ATen level (bertnmt.experiments.opcount): no op that makes the host wait for the device, and
 fewer kernel-launching ops than Hugging Face's MarianMTModel of the same size with a one-group AdamW."""
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertnmt.bench import marian_like
-from bertnmt.config import Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
-from bertnmt.freeze import FreezePolicy
+from bertnmt.experiments.bench import marian_like
+from bertnmt.core.config import Config, DataConfig, FreezeConfig, ModelConfig, OptimConfig, TrainerConfig
+from bertnmt.train.freeze import FreezePolicy
 from bertnmt.model.nmt import BertFusedTransformer
-from bertnmt.opcount import OpCounter, launches_kernel
-from bertnmt.training import EpochPosition, Trainer, smoothed_loss
+from bertnmt.experiments.opcount import OpCounter, launches_kernel
+from bertnmt.train.trainer import EpochPosition, Trainer, smoothed_loss
 from fake_data import fake_data
 from test_features import bert_path, build_cache, fused_model, frozen_policy  # noqa: F401  (bert_path: the fixture)
 
@@ -129,7 +129,7 @@ def test_bucket_padding_gives_few_shapes_and_the_same_loss() -> None:
     """data.pad_multiple=8: every length a multiple of 8 and the output positions a multiple of 64 (what
     torch.compile and CUDA graphs need), with the loss of the unpadded batch."""
     from bertnmt.data.collate import make_loader
-    from bertnmt.training import forward_loss, resolve_pad_multiple
+    from bertnmt.train.trainer import forward_loss, resolve_pad_multiple
 
     assert resolve_pad_multiple(0, torch.device("cpu"), False) == 1
     assert resolve_pad_multiple(0, torch.device("cuda"), False) == resolve_pad_multiple(0, torch.device("cpu"), True) == 8

@@ -8,8 +8,8 @@ import pytest
 import sacrebleu
 from hydra import compose, initialize_config_dir
 
-from bertnmt.config import Config, register_configs, to_config
-from bertnmt.pipeline import run
+from bertnmt.core.config import Config, register_configs, to_config
+from bertnmt.recipe.pipeline import run
 from tiny_encoder import make_tiny_bert
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from bertnmt.config import Config, TrainerConfig
+from bertnmt.core.config import Config, TrainerConfig
 from bertnmt.data.batching import TokenBatchSampler
-from bertnmt.errors import ConfigError
-from bertnmt.rundir import LOCK, find_unfinished, open_run_dir, release, save_config
+from bertnmt.core.errors import ConfigError
+from bertnmt.train.rundir import LOCK, find_unfinished, open_run_dir, release, save_config
 from tiny_encoder import make_tiny_bert
 from train_cli import popen_train, run_train
 
@@ -225,7 +225,7 @@ def test_a_run_held_by_a_live_process_is_not_resumed(tmp_path: Path) -> None:
     old, new = tmp_path / "a", tmp_path / "b"
     old.mkdir()
     save_config(config(old), old)
-    code = f"import sys, time; from pathlib import Path; from bertnmt.rundir import acquire; acquire(Path({str(old)!r})); " \
+    code = f"import sys, time; from pathlib import Path; from bertnmt.train.rundir import acquire; acquire(Path({str(old)!r})); " \
            "print('locked', flush=True); time.sleep(30)"
     sleeper = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})

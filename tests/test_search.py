@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bertnmt.config import BertConfig, ModelConfig
+from bertnmt.core.config import BertConfig, ModelConfig
 from bertnmt.model import BertFusedTransformer, PretrainedEncoder
 from bertnmt.model.nmt import EncoderOut
-from bertnmt.search import DecodeOptions, _topk_rows, beam_search, greedy_search
+from bertnmt.decoding.search import DecodeOptions, _topk_rows, beam_search, greedy_search
 
 try:
     from tests.tiny_encoder import make_tiny_bert

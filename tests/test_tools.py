@@ -13,13 +13,14 @@ import sacrebleu
 import torch
 from safetensors.torch import load_file
 
-from bertnmt.averaging import average_checkpoints, last_checkpoints
-from bertnmt.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
-from bertnmt.errors import CheckpointError, ConfigError, DataError
-from bertnmt.evaluate import evaluate
-from bertnmt.export import export_model, load_model
-from bertnmt.pipeline import run
-from bertnmt.translator import format_hypotheses
+from bertnmt.train.averaging import average_checkpoints, last_checkpoints
+from bertnmt.train.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from bertnmt.core.errors import CheckpointError, ConfigError, DataError
+from bertnmt.inference.evaluate import evaluate
+from bertnmt.inference.loading import load_model
+from bertnmt.recipe.export import export_model
+from bertnmt.recipe.pipeline import run
+from bertnmt.inference.translator import format_hypotheses
 from conftest import MIRROR_DIR
 from tiny_encoders import make_encoder, tiny_config
 
@@ -94,7 +95,7 @@ def test_incomplete_export_and_another_encoder_are_refused(trained: dict, tmp_pa
 def test_export_of_a_trained_encoder_includes_its_weights(trained: dict, tmp_path: Path) -> None:
     ckpt = load_checkpoint(trained["run"] / "checkpoints" / "fused" / "checkpoint_best.pt")
     from bertnmt.model.pretrained import PretrainedEncoder
-    from bertnmt.config import BertConfig
+    from bertnmt.core.config import BertConfig
 
     enc = PretrainedEncoder(BertConfig(path=trained["bert"]))
     torch.manual_seed(5)

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bertnmt.checkpoint import save_checkpoint, warm_start
-from bertnmt.config import BertConfig, FreezeConfig, ModelConfig
-from bertnmt.errors import CheckpointError, ConfigError
-from bertnmt.freeze import FreezePolicy, param_group
+from bertnmt.train.checkpoint import save_checkpoint, warm_start
+from bertnmt.core.config import BertConfig, FreezeConfig, ModelConfig
+from bertnmt.core.errors import CheckpointError, ConfigError
+from bertnmt.train.freeze import FreezePolicy, param_group
 from bertnmt.model import BertFusedTransformer, PretrainedEncoder
 from bertnmt.model.pretrained import random_features
 from bertnmt.model.variants import fused_layer_ids
-from bertnmt.search import DecodeOptions, beam_search, greedy_search
+from bertnmt.decoding.search import DecodeOptions, beam_search, greedy_search
 
 try:
     from tests.test_model import make_batch as model_batch

@@ -124,7 +124,7 @@ def tiny_config(tmp_path: Path, overrides: list[str], out: str, cache: Path | No
     """A composed, typed toy-size config (model=tiny, a few dozen pairs, 1 epoch) with ``overrides``."""
     from hydra import compose, initialize_config_dir
 
-    from bertnmt.config import register_configs, to_config
+    from bertnmt.core.config import register_configs, to_config
 
     register_configs()
     conf = Path(__file__).resolve().parents[1] / "conf"

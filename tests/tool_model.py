@@ -33,11 +33,11 @@ def write_corpus(root: Path, n_train: int = 30, n_eval: int = 5) -> dict[str, Pa
 
 def make_run(root: Path) -> Path:
     """A run folder (``config.yaml``, ``checkpoints/baseline/checkpoint_best.pt``) and its ``export/``."""
-    from bertnmt.checkpoint import model_weights, save_checkpoint
-    from bertnmt.config import Config, DataConfig, ModelConfig
+    from bertnmt.train.checkpoint import model_weights, save_checkpoint
+    from bertnmt.core.config import Config, DataConfig, ModelConfig
     from bertnmt.data.prepare import prepare_data
-    from bertnmt.export import export_model
-    from bertnmt.pipeline import make_model
+    from bertnmt.recipe.export import export_model
+    from bertnmt.model.build import make_model
 
     files = write_corpus(root / "corpus")
     custom = {split: {"src": str(files[f"{split}.src"]), "tgt": str(files[f"{split}.tgt"])}

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from bertnmt.errors import ConfigError
+from bertnmt.core.errors import ConfigError
 
 _U64 = (1 << 64) - 1
 

@@ -19,9 +19,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from bertnmt.atomic import write_bytes
-from bertnmt.config import DataConfig
-from bertnmt.errors import ConfigError, DataError
+from bertnmt.core.atomic import write_bytes
+from bertnmt.core.config import DataConfig
+from bertnmt.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class StreamLines:
     """Lines of a binary stream (stdin), decoded as UTF-8 one at a time, for translating as they come.
 
     Line breaks are those of :func:`read_lines`. Iteration stops before the first line that is not
-    UTF-8 and keeps that :class:`~bertnmt.errors.DataError` in ``error`` (naming the line), so that
+    UTF-8 and keeps that :class:`~bertnmt.core.errors.DataError` in ``error`` (naming the line), so that
     the lines before it are still translated.
     """
 

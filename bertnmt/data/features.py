@@ -11,7 +11,7 @@ stored in fp16 and memory-mapped::
 
 ``key`` hashes the encoder's weights, the layer, the encoder ids of every split and the dtype; the
 data folder itself is keyed by the corpus and its settings. Whether cached features may be served
-at a given step is the freeze policy's decision (:meth:`bertnmt.freeze.FreezePolicy.encoder_untrained`):
+at a given step is the freeze policy's decision (:meth:`bertnmt.train.freeze.FreezePolicy.encoder_untrained`):
 never while, or after, any part of the encoder trains.
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bertnmt.atomic import atomic_dir, remove_stale_temps, temp_name
+from bertnmt.core.atomic import atomic_dir, remove_stale_temps, temp_name
 from bertnmt.data.prepare import PreparedData, Split
-from bertnmt.errors import ConfigError
+from bertnmt.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def feature_cache(encoder: torch.nn.Module, data: PreparedData, encoder_sha256: 
     """The cached H_B of every split, built now if needed; None (on-the-fly features) when off or too big.
 
     ``frozen``: the freeze policy's word that the encoder has not trained so far
-    (:meth:`~bertnmt.freeze.FreezePolicy.encoder_untrained`). The encoder is put in eval mode
+    (:meth:`~bertnmt.train.freeze.FreezePolicy.encoder_untrained`). The encoder is put in eval mode
     while computing, as the policy holds it in training. The decision is logged in one line.
     """
     if mode not in ("auto", "off"):

@@ -9,7 +9,7 @@ Cache layout, ``<cache_dir>/<corpus>-<src>-<tgt>-<key>/``::
     report.json                           counts and settings
     enc-<key>/<split>.{ids,offsets}.npy   encoder ids (``add_encoder_view``), meta.json
 
-Every folder is written under a temporary name and renamed when complete (:func:`bertnmt.atomic.atomic_dir`);
+Every folder is written under a temporary name and renamed when complete (:func:`bertnmt.core.atomic.atomic_dir`);
 the temp folders of killed builds are removed by the next build.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from bertnmt.atomic import atomic_dir, remove_stale_temps
-from bertnmt.config import DataConfig
+from bertnmt.core.atomic import atomic_dir, remove_stale_temps
+from bertnmt.core.config import DataConfig
 from bertnmt.data.corpora import SPLITS, corpus_fingerprint, corpus_spec, load_corpus
 from bertnmt.data.tokenize import EncoderTokenizer, SubwordVocab, train_sentencepiece
-from bertnmt.errors import ConfigError, DataError
+from bertnmt.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

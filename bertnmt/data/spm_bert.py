@@ -25,7 +25,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from bertnmt.errors import ConfigError
+from bertnmt.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import sentencepiece as spm
 
 from bertnmt.data.spm_bert import bert_template_fix
-from bertnmt.errors import ConfigError, DataError
+from bertnmt.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

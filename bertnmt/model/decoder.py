@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertnmt.config import ModelConfig
+from bertnmt.core.config import ModelConfig
 from bertnmt.model.fusion import BertAttention, drop_net_mix, drop_net_weights, runs
 from bertnmt.model.layers import KV, FeedForward, KVCache, LayerNorm, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.variants import fused_layer_ids

@@ -31,7 +31,7 @@ _DROP_NET_RNG: random.Random | None = None  # None: Python's global RNG (one pro
 def seed_drop_net(seed: int | None) -> None:
     """Draw drop-net from a generator of its own, seeded with ``seed`` (None: Python's global RNG again).
 
-    Under DDP every rank seeds it identically (:class:`bertnmt.distributed.Replicas`), so every rank
+    Under DDP every rank seeds it identically (:class:`bertnmt.train.distributed.Replicas`), so every rank
     keeps or skips the same branch in every layer whatever its batch shapes and dropout draws.
     """
     global _DROP_NET_RNG

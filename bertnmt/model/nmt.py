@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertnmt.config import ModelConfig
+from bertnmt.core.config import ModelConfig
 from bertnmt.model.decoder import Decoder, DecoderState
 from bertnmt.model.encoder import Encoder
 from bertnmt.model.layer_mix import LayerMix
@@ -43,7 +43,7 @@ class BertFusedTransformer(nn.Module):
     * ``bert.layer_mix=true``: H_B = ``bert_mix`` (a trainable :class:`LayerMix`) of all hidden states.
 
     The NMT modules a plain Transformer lacks (``bert_attn``, ``bert_attn_ln``, ``bert_mix``, ``bert_proj``)
-    form the report group "fusion" (:func:`bertnmt.freeze_rules.param_group`); a warm start may leave them new.
+    form the report group "fusion" (:func:`bertnmt.train.freeze_rules.param_group`); a warm start may leave them new.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, bert: PretrainedEncoder | None):

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bertnmt.config import BertConfig
-from bertnmt.errors import ConfigError
+from bertnmt.core.config import BertConfig
+from bertnmt.core.errors import ConfigError
 from bertnmt.model.variants import check_bert_config
 
 
@@ -152,7 +152,7 @@ class PretrainedEncoder(nn.Module):
         self.layer_mix = cfg.layer_mix  # the model mixes all_layers() with its own weights (bert_mix)
         self.random_features = cfg.features == "random"
         self.random_seed = cfg.random_seed
-        self.frozen = False  # set by the freeze policy (bertnmt.freeze); enforced here
+        self.frozen = False  # set by the freeze policy (bertnmt.train.freeze); enforced here
         self._mode = True  # the mode last asked for by ``train()``, restored on unfreezing
         self.train()  # from_pretrained returns eval mode; start like any new nn.Module
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from bertnmt.config import BertConfig, ModelConfig
-from bertnmt.errors import ConfigError
+from bertnmt.core.config import BertConfig, ModelConfig
+from bertnmt.core.errors import ConfigError
 
 FUSION_COMBINE = ("average", "stacked")
 BERT_INPUTS = ("fused", "embedding", "replace")

@@ -1,0 +1,1 @@
+"""Layer 7: ablation tables, convergence reports and benchmarks."""

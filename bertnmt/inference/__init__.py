@@ -1,0 +1,1 @@
+"""Layer 6: translating and scoring with a trained model."""

@@ -1,0 +1,1 @@
+"""Layer 4: the training engine: freeze policy, optimizer, checkpoints, trainer, run folders."""
