@@ -1,4 +1,4 @@
-"""Run the paper's ablation table and write its report (see README, "Reproducing the paper's ablations").
+"""Run the paper's ablation table and write its report (see docs/ablations.md).
 
     python scripts/ablate.py [--rows a,b] [--seeds 1,2,3] [--out runs/ablations] [OVERRIDE ...]
     python scripts/ablate.py --converge --rows transformer@1,fused@1,transformer@2 --out runs/converged

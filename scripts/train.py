@@ -2,7 +2,7 @@
 
 A mistake in the command line, the config or the data is one ``error: ...`` line on stderr and exit
 code 2; SIGTERM / SIGINT save a checkpoint and exit with 143 / 130; rerunning the same command resumes.
-On several GPUs: ``torchrun --nproc_per_node=N scripts/train.py +exp=frozen_bert`` (README, "Multi-GPU training").
+On several GPUs: ``torchrun --nproc_per_node=N scripts/train.py +exp=frozen_bert`` (docs/distributed.md).
 """
 from __future__ import annotations
 

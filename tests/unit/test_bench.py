@@ -1,6 +1,6 @@
 """scripts/bench.py's workers, in this process, on a toy corpus and a tiny random encoder.
 
-The GPU command of the README (8,192-token batches over 3,000 pairs) has fewer batches than warm-up
+The GPU command of docs/benchmarks.md (8,192-token batches over 3,000 pairs) has fewer batches than warm-up
 plus timed updates; the bench must go on into the next epoch, as the Trainer does, not stop."""
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def test_toy_net_61_then_73_and_fc2_fixed_through_epoch_3() -> None:
 
 
 def test_toy_net_through_hydra() -> None:
-    """The README's config: freeze=rules with one rule, from the command line."""
+    """docs/freezing.md's config: freeze=rules with one rule, from the command line."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=[
             "freeze=rules", "freeze.rules=[{match: 'fc2.*', frozen: true, start: 1, end: 4}]"]))
@@ -81,13 +81,13 @@ def test_toy_net_through_hydra() -> None:
     check_toy(*train_toy(FreezePolicy(cfg.freeze), Toy()))
 
 
-def test_toy_dry_run_table_is_in_the_readme() -> None:
+def test_toy_dry_run_table_is_in_the_docs() -> None:
     table = schedule_table(FreezePolicy(TOY_RULES), Toy(), epochs=10)
     lines = table.splitlines()
     assert lines[1].split()[:7] == ["epoch", "trainable/total", "fc1", "fc2", "fc3", "fc4", "fc5"]
     assert lines[2].split()[:4] == ["1", "61/73", "33/33", "0/12"] and lines[2].endswith("fc2.* frozen")
     assert lines[5].split() == ["4", "73/73", "33/33", "12/12", "12/12", "12/12", "4/4", "-"]
-    assert table in (ROOT / "README.md").read_text(encoding="utf-8"), "README's toy table is stale:\n" + table
+    assert table in (ROOT / "docs" / "freezing.md").read_text(encoding="utf-8"), "docs/freezing.md's toy table is stale:\n" + table
 
 
 def test_step_windows_are_zero_based_optimizer_updates() -> None:
