@@ -7,8 +7,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bertnmt.core.config import FusionCombine, ModelConfig
-from bertnmt.model.fusion import BertAttention, DropNet, FusedSublayer
+from bertnmt.core.config import ModelConfig
+from bertnmt.model.fusion import DropNet, add_fusion
 from bertnmt.model.layers import FeedForward, LayerNorm, MultiheadAttention, SinusoidalPositions
 from bertnmt.model.variants import fused_layer_ids
 
@@ -38,14 +38,7 @@ class FusedEncoderLayer(nn.Module):
         self.pre_ln = cfg.pre_ln
         self.self_attn = MultiheadAttention(C, cfg.heads, dropout=cfg.attn_dropout)
         self.self_attn_ln = LayerNorm(C)
-        self.bert_attn = (
-            BertAttention(C, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
-        )
-        self.stacked = bool(bert_dim) and cfg.fusion_combine == FusionCombine.stacked
-        self.bert_attn_ln = LayerNorm(C) if self.stacked else None
-        if bert_dim and drop_net is None:
-            drop_net = DropNet(cfg.drop_net)
-        self.fused = FusedSublayer(cfg.pre_ln, cfg.dropout, drop_net if bert_dim else None, self.stacked)
+        add_fusion(self, cfg, bert_dim, drop_net)  # bert_attn, bert_attn_ln, stacked, fused
         self.ffn = FeedForward(C, cfg.ffn_dim, cfg.dropout, cfg.act_dropout)
         self.ffn_ln = LayerNorm(C)
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
-from bertnmt.model.layers import MultiheadAttention
+from bertnmt.core.config import FusionCombine, ModelConfig
+from bertnmt.model.layers import LayerNorm, MultiheadAttention
 
 # The NMT modules a plain Transformer lacks, by attribute name: BERT attention (paper section 4), the
 # stacked variant's LayerNorm, the learned layer mix and the feature-based input projection (section 6;
@@ -163,6 +164,19 @@ class FusedSublayer(nn.Module):
         if runs(w2):
             y = y + w2 * F.dropout(bert(h), self.dropout, self.training)  # type: ignore[misc]
         return y if self.pre_ln else ln(y)  # (B, T, C)
+
+
+def add_fusion(layer: nn.Module, cfg: ModelConfig, bert_dim: int | None, drop_net: DropNet | None = None) -> None:
+    """Give a fused encoder or decoder layer its fusion parts (paper section 4), under the names that
+    checkpoints and ``FUSION_MODULES`` use: ``bert_attn`` (None without H_B), ``bert_attn_ln`` (stacked
+    combination only), ``stacked``, and ``fused``, the residual sublayer that mixes the two branches.
+    ``drop_net`` is the model's shared instance; a layer built alone gets its own."""
+    layer.bert_attn = BertAttention(cfg.d_model, cfg.heads, bert_dim, dropout=cfg.attn_dropout) if bert_dim else None
+    layer.stacked = bool(bert_dim) and cfg.fusion_combine == FusionCombine.stacked
+    layer.bert_attn_ln = LayerNorm(cfg.d_model) if layer.stacked else None
+    if bert_dim and drop_net is None:
+        drop_net = DropNet(cfg.drop_net)
+    layer.fused = FusedSublayer(cfg.pre_ln, cfg.dropout, drop_net if bert_dim else None, layer.stacked)
 
 
 def drop_nets(model: nn.Module) -> list[DropNet]:

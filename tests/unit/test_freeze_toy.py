@@ -87,7 +87,8 @@ def test_toy_dry_run_table_is_in_the_docs() -> None:
     assert lines[1].split()[:7] == ["epoch", "trainable/total", "fc1", "fc2", "fc3", "fc4", "fc5"]
     assert lines[2].split()[:4] == ["1", "61/73", "33/33", "0/12"] and lines[2].endswith("fc2.* frozen")
     assert lines[5].split() == ["4", "73/73", "33/33", "12/12", "12/12", "12/12", "4/4", "-"]
-    assert table in (ROOT / "docs" / "freezing.md").read_text(encoding="utf-8"), "docs/freezing.md's toy table is stale:\n" + table
+    doc = (ROOT / "docs" / "freezing.md").read_text(encoding="utf-8")
+    assert table in doc, "docs/freezing.md's toy table is stale:\n" + table
 
 
 def test_step_windows_are_zero_based_optimizer_updates() -> None:
