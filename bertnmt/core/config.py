@@ -106,6 +106,22 @@ class Precision(Choice):
     fp32 = "fp32"
 
 
+class CompileMode(Choice):
+    """``trainer.compile_mode``: torch.compile's mode for the training graph (``_`` for its ``-``).
+
+    reduce_overhead records CUDA graphs (one per distinct batch shape); the max_autotune modes search
+    kernel configurations, the slowest to compile."""
+
+    default = "default"
+    reduce_overhead = "reduce_overhead"
+    max_autotune = "max_autotune"
+    max_autotune_no_cudagraphs = "max_autotune_no_cudagraphs"
+
+    @property
+    def torch_mode(self) -> str:
+        return self.value.replace("_", "-")
+
+
 class ScratchBudget(Choice):
     """``warm_start.scratch_budget``: the budget of a run that does not warm-start."""
 
@@ -300,12 +316,14 @@ class TrainerConfig:
     max_nonfinite_in_row: int = 5  # that many non-finite losses in a row stop the run (0 = never)
     tensorboard: bool = True
     progress: bool = True
-    compile: bool = False  # torch.compile the model for training (worth it on a GPU; see docs/benchmarks.md)
+    compile: bool = False  # torch.compile the training forward and loss (worth it on a GPU; docs/benchmarks.md)
+    compile_mode: CompileMode = CompileMode.default  # reduce_overhead: CUDA graphs (see CompileMode)
     dist_timeout_min: int = 60  # torchrun: how long a rank waits for the others (e.g. rank 0's data preparation)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
     def __post_init__(self) -> None:
         self.precision = Precision.parse(self.precision, "trainer.precision")
+        self.compile_mode = CompileMode.parse(self.compile_mode, "trainer.compile_mode")
 
 
 @dataclass

@@ -2,10 +2,14 @@
 and the training forward that produces it without making the host wait for the device."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bertnmt.core.config import CompileMode
 from bertnmt.core.devices import autocast
 from bertnmt.data.collate import Batch
 
@@ -43,3 +47,17 @@ def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device
                        keep=batch.out_idx)  # (N', V), or (B, T, V)
     target = batch.tgt_out if batch.out_idx is None else batch.out_tgt  # (B, T) or (N',)
     return smoothed_loss(logits, target, pad_id, eps)
+
+
+def compile_loss(mode: CompileMode | str = CompileMode.default, backend: str | None = None) -> Callable[..., Any]:
+    """:func:`forward_loss` compiled as one graph (``fullgraph=True``: a graph break is an error).
+
+    Its backward is compiled by AOTAutograd, so a whole update is the two graphs and the fused optimizer
+    (one kernel per parameter group). The optimizer is not compiled: ``torch.optim`` breaks the graph around
+    every ``step`` on purpose, and its fused kernel leaves nothing to fuse. A new batch shape compiles anew;
+    batch lengths are padded to few shapes (``data.pad_multiple``) and the recompile limit is raised to match."""
+    mode = CompileMode.parse(mode, "trainer.compile_mode")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    kw = {"backend": backend} if backend else {}  # torch's default: inductor
+    return torch.compile(forward_loss, fullgraph=True, mode=None if mode == CompileMode.default else mode.torch_mode,
+                         **kw)

@@ -50,7 +50,7 @@ from bertnmt.train.checkpoint import (
 from bertnmt.train.early_stop import best_epoch, check_early_stop, early_stop_epoch, monitored
 from bertnmt.train.faults import StopSignal, UpdateGuard
 from bertnmt.train.freeze import FreezePolicy
-from bertnmt.train.loss import forward_loss
+from bertnmt.train.loss import compile_loss, forward_loss
 from bertnmt.train.optim import inverse_sqrt, load_optimizer_state, make_optimizer, optimizer_state
 from bertnmt.train.results import append_jsonl, keep_until
 
@@ -101,10 +101,11 @@ class Trainer:
             raise ConfigError(f"trainer.valid_bleu_every={cfg.trainer.valid_bleu_every} must be at least 1")
         check_early_stop(cfg.trainer.early_stop, cfg.trainer.valid_bleu, cfg.trainer.valid_bleu_every)
         self.model.to(self.device)
-        # the training forward; the same module (same parameters) when compiled, so state dicts are unchanged.
-        # Compiled as one graph: drop-net is then drawn on the device (no data-dependent branch)
+        # The training forward and its loss; compiled, they are one graph (AOTAutograd compiles its backward as
+        # another) over the model's own parameters, so state dicts are unchanged. Drop-net is then drawn on the
+        # device (no data-dependent branch).
         set_drop_net_on_device(model, cfg.trainer.compile)
-        self.step_model = torch.compile(model, fullgraph=True) if cfg.trainer.compile else model
+        self.loss_fn = compile_loss(cfg.trainer.compile_mode) if cfg.trainer.compile else forward_loss
         self.policy.apply(self.model, epoch=1, step=0)
         o = cfg.optim
         self.optimizer = make_optimizer(self.policy, self.model, o, self.device)  # one group per freeze class
@@ -217,10 +218,10 @@ class Trainer:
     # -- one epoch ---------------------------------------------------------------------------
     def _forward_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.replicas.forward_model()  # the DDP wrapper for training forwards under torchrun
-        model = self.step_model if model is self.model else model  # (torch.compile'd in one process)
-        return forward_loss(model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
-                            use_features=bool(self.features),  # cached H_B, never once the encoder trains
-                            precision=self.cfg.trainer.precision)
+        loss_fn = self.loss_fn if model is self.model else forward_loss  # (torch.compile'd in one process)
+        return loss_fn(model, batch, self.data.vocab.pad_id, self.cfg.optim.label_smoothing, self.device,
+                       use_features=bool(self.features),  # cached H_B, never once the encoder trains
+                       precision=self.cfg.trainer.precision)
 
     def _update(self, accum: list[Batch], epoch: int, pos: EpochPosition) -> bool:
         """One optimizer update over ``accum``; False when its batch ran out of memory (skipped).

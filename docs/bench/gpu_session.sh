@@ -48,11 +48,14 @@ case "${1:-main}" in
     ;;
   step)
     # The Trainer's update at model=small, 2,048-token batches (as on the CPU): ms, ATen ops, host syncs,
-    # eager and compiled; then bf16 against fp32 quality on the 3-epoch baseline.
+    # eager, compiled, compiled with CUDA graphs; then bf16 against fp32 quality on the 3-epoch baseline.
     python3 scripts/bench.py --device cuda --model small --repeat 1 --variants plain,fused_cached,marian \
       --out "$OUT/cuda-step.json" 2>&1 | tee "$OUT/bench-step.log"
     python3 scripts/bench.py --device cuda --model small --repeat 1 --compile --variants plain,fused_cached \
       --out "$OUT/cuda-step-compiled.json" 2>&1 | tee "$OUT/bench-step-compiled.log"
+    python3 scripts/bench.py --device cuda --model small --repeat 1 --compile --variants plain,fused_cached \
+      --overrides "trainer.compile_mode=reduce_overhead" --out "$OUT/cuda-step-graphs.json" \
+      2>&1 | tee "$OUT/bench-step-graphs.log"
     for p in bf16 fp32; do
       python3 scripts/train.py model=small model.fused=false trainer.max_epochs=3 trainer.precision=$p \
         trainer.progress=false hydra.run.dir=/tmp/runs/baseline_$p 2>&1 | tee "$OUT/baseline_$p.log" | tail -5

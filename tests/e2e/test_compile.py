@@ -11,6 +11,7 @@ import torch
 
 from bertnmt.core.config import FreezeConfig
 from bertnmt.model.fusion import drop_nets, set_drop_net_on_device
+from bertnmt.train.loss import forward_loss
 from tests.unit.test_features import fake_data, make_trainer
 
 
@@ -26,7 +27,7 @@ def test_compiled_training_matches_eager(bert_path: str, tmp_path: Path, monkeyp
     eager.fit()
     compiled, compiled_losses, _ = make_trainer(bert_path, data, FreezeConfig(policy="frozen"), tmp_path / "b", 1, True,
                                                 compile=True)
-    assert compiled.step_model is not compiled.model and compiled.pad_multiple == eager.pad_multiple == 8
+    assert compiled.loss_fn is not forward_loss and compiled.pad_multiple == eager.pad_multiple == 8
     assert drop_nets(compiled.model) and all(m.on_device for m in drop_nets(compiled.model))
     compiled.fit()
     assert len(compiled_losses) == len(eager_losses) > 2
@@ -36,32 +37,38 @@ def test_compiled_training_matches_eager(bert_path: str, tmp_path: Path, monkeyp
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)
 
 
-def test_training_forward_and_loss_compile_as_one_graph(bert_path: str, tmp_path: Path) -> None:  # noqa: F811
-    """fullgraph=True: no graph break in the fused model's training forward (drop-net on, drawn on the device),
-    the loss included, on bucket-padded shapes; a data-dependent branch or shape would raise here."""
-    from bertnmt.model.nmt import BertFusedTransformer
-    from bertnmt.train.loss import smoothed_loss
-    from tests.unit.test_features import TINY, fused_model
+def test_the_trainers_loss_graph_compiles_whole_with_its_backward(bert_path: str, tmp_path: Path) -> None:  # noqa: F811
+    """``trainer.compile``'s graph, ``fullgraph=True``: the fused model's training forward (drop-net on, drawn on
+    the device, live encoder) and its loss, on the Trainer's own bucket-padded batches, with AOTAutograd tracing
+    the backward ("aot_eager": the graphs inductor would get, run without its C++ build). A graph break or a
+    data-dependent shape raises; the loss and every gradient equal eager's."""
+    from bertnmt.train.loss import compile_loss
 
     torch._dynamo.reset()
-    model = fused_model(bert_path)
-    assert isinstance(model, BertFusedTransformer) and TINY.drop_net > 0
+    data = fake_data(tmp_path / "data")
+    trainer, _, _ = make_trainer(bert_path, data, FreezeConfig(policy="frozen"), tmp_path / "a", 1, False,
+                                 pad_multiple=8)
+    model = trainer.model
     set_drop_net_on_device(model, True)
     model.train()
-
-    def loss_fn(src, tgt_in, tgt_out, feats, bert_pad):
-        logits = model(src, tgt_in, None, None, (feats, bert_pad))  # (B, T, V)
-        return smoothed_loss(logits, tgt_out, 0, 0.1)[0]
-
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")
-    g = torch.Generator().manual_seed(0)
-    src, tgt = torch.randint(4, 50, (3, 8), generator=g), torch.randint(4, 50, (3, 16), generator=g)  # multiples of 8
-    tgt[0, 10:] = 0
-    feats, bert_pad = torch.randn(3, 8, model.bert.hidden_size, generator=g), torch.zeros(3, 8, dtype=torch.bool)
-    losses = []
-    for _ in range(2):
-        loss = compiled(src, tgt, tgt, feats, bert_pad)
-        loss.backward()
-        losses.append(float(loss))
-    assert all(0 < v < 1e4 for v in losses)
-    assert model.decoder.layers[0].bert_attn.q_proj.weight.grad is not None
+    trainer._sync_policy(1, at_epoch_start=True)
+    compiled = compile_loss(backend="aot_eager")
+    args = (data.vocab.pad_id, 0.1, trainer.device)
+    batches = list(trainer.train_loader)[:2]
+    assert all(b.src.size(1) % 8 == 0 and b.tgt_in.size(1) % 8 == 0 for b in batches)
+    for b in batches:
+        grads = []
+        for fn in (forward_loss, compiled):
+            torch.manual_seed(7)  # the same dropout and drop-net draws for both
+            loss, nll = fn(model, b, *args, use_features=False)
+            loss.backward()
+            grads.append((loss.detach(), nll, {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None}))
+            model.zero_grad(set_to_none=True)
+        (le, ne, ge), (lc, nc, gc) = grads
+        torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(nc, ne, rtol=1e-5, atol=1e-5)
+        assert ge.keys() == gc.keys() and any(n.startswith("decoder") and "bert_attn" in n for n in ge)
+        assert not any(n.startswith("bert.") for n in ge)  # the frozen encoder has no gradient
+        for n in ge:
+            torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=n)

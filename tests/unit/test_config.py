@@ -15,6 +15,7 @@ from omegaconf.errors import ConfigKeyError
 from bertnmt.core.config import (
     BertInput,
     Choice,
+    CompileMode,
     Config,
     FeatureCache,
     Features,
@@ -138,6 +139,7 @@ CHOICES = {  # key -> (its enum, a word outside its set)
     "freeze.policy": (Policy, "thaw"), "freeze.unit": (Unit, "epochs"),
     "trainer.early_stop.metric": (Metric, "ppl"), "trainer.precision": (Precision, "bf-16"),
     "warm_start.scratch_budget": (ScratchBudget, "all"),
+    "trainer.compile_mode": (CompileMode, "reduce-overhead"),
 }
 
 
