@@ -4,7 +4,8 @@ every user mistake, interruption or full disk into one line on stderr and an exi
 ``check_command_line`` composes the config exactly as Hydra will (overrides, groups, schema types)
 and checks that the run folder can be created, so that an unknown key or group option, a bad value
 or an unwritable ``hydra.run.dir`` is one ``error: ...`` line, with no run folder left behind (Hydra's
-own report of these is several lines, or a traceback). It imports neither torch nor the model.
+own report of these is several lines, or a traceback). It imports neither torch nor the model, and sets
+up the host allocator for them (``bertnmt.core.host_memory``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from typing import Any
 
 from bertnmt.core.atomic import check_writable
 from bertnmt.core.errors import BertNMTError, ConfigError, TrainingInterrupted, one_line
+from bertnmt.core.host_memory import tune_host_memory
+
+# Every script imports this module before torch, and the allocator must be set up before torch's first
+# allocation: large CPU tensors then reuse memory instead of faulting in fresh pages at every step.
+tune_host_memory()
 
 
 def _schema_node(schema: Any, key: str) -> str | None:

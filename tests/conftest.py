@@ -5,8 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MIRROR_DIR
-from tests.helpers.tiny_encoder import make_tiny_bert
+from bertnmt.core.host_memory import tune_host_memory
+
+tune_host_memory()  # before torch is imported, as the scripts do: large tensors reuse memory
+
+from tests.helpers import MIRROR_DIR  # noqa: E402
+from tests.helpers.tiny_encoder import make_tiny_bert  # noqa: E402
 
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from bertnmt.core.devices import autocast, peak_memory_mb
+from bertnmt.core.host_memory import child_env, tune_host_memory
 from bertnmt.core.paths import PROJECT_ROOT
 from bertnmt.experiments.bench_report import device_name, report
 from bertnmt.experiments.bench_spec import DECODE_VARIANTS, TRAIN_VARIANTS, BenchSpec, compose_cfg
@@ -327,7 +328,7 @@ def run_all(spec: BenchSpec, variants: list[str], log=print) -> dict[str, dict[s
     """Each variant in a fresh process (its own peak memory), the list ``spec.repeat`` times interleaved;
     per variant the fastest run is kept (the machine is shared and noisy: see docs/benchmarks.md)."""
     results: dict[str, dict[str, Any]] = {}
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = child_env({**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
     for rnd in range(max(1, spec.repeat)):
         for v in variants:
             cmd = [sys.executable, "-m", "bertnmt.experiments.bench", "--worker", v, "--spec", json.dumps(asdict(spec))]
@@ -363,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        tune_host_memory()  # as every entry point does (the workers' THP setting comes with child_env)
         spec = BenchSpec(**json.loads(args.spec))
         print(json.dumps(worker(spec, args.worker)))
         return 0
