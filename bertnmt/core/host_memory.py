@@ -22,13 +22,18 @@ _SETTINGS = ((_M_MMAP_THRESHOLD, 1 << 30),  # blocks under 1 GiB come from the h
              (_M_TOP_PAD, 1 << 26))  # the heap grows 64 MiB at a time
 
 
+def setting() -> str:
+    """``BERTNMT_HOST_MEMORY``: "tuned" (the default) or "default" (glibc's and PyTorch's own behaviour)."""
+    return os.environ.get("BERTNMT_HOST_MEMORY", "tuned")
+
+
 def tune_host_memory() -> dict[str, bool]:
     """Set up the allocator as above; what took effect, by name.
 
     Call it before torch is imported: PyTorch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first CPU
     allocation (``mallopt`` works at any time). Only Linux with glibc has ``mallopt``; elsewhere it is skipped.
     """
-    if os.environ.get("BERTNMT_HOST_MEMORY", "tuned") == "default":
+    if setting() == "default":
         return {"thp": False, "mallopt": False}
     thp = "torch" not in sys.modules and os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1") == "1"
     mallopt = False
@@ -43,6 +48,6 @@ def tune_host_memory() -> dict[str, bool]:
 
 def child_env(env: dict[str, str]) -> dict[str, str]:
     """``env`` for a child process that imports torch before it could call :func:`tune_host_memory`."""
-    if os.environ.get("BERTNMT_HOST_MEMORY", "tuned") == "default":
+    if setting() == "default":
         return dict(env)
     return {"THP_MEM_ALLOC_ENABLE": "1", **env}

@@ -1,12 +1,12 @@
 """The benchmark's report: the figures as markdown tables, with the ratios and the speed goals."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bertnmt.core import host_memory
 from bertnmt.experiments.bench_spec import BF16_PEAK, DECODE_VARIANTS, TRAIN_VARIANTS, BenchSpec, compose_cfg
 
 
@@ -21,7 +21,7 @@ def report(spec: BenchSpec, res: dict[str, dict[str, Any]], device_name: str) ->
            f"max_tokens {spec.max_tokens}, {spec.steps} timed updates after {spec.warmup}; device {device_name}"
            f"{', bf16 autocast' if spec.bf16 or spec.device.startswith('cuda') else ', fp32'}"
            f"{', torch.compile' if spec.compile else ''}; host allocator "
-           f"{os.environ.get('BERTNMT_HOST_MEMORY', 'tuned')} (bertnmt.core.host_memory)", ""]
+           f"{host_memory.setting()} (bertnmt.core.host_memory)", ""]
     plain = res.get("plain")
     floors: dict[str, float] = {}
     flops = None
