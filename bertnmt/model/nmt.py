@@ -132,24 +132,28 @@ class BertFusedTransformer(nn.Module):
         return EncoderOut(enc_out, src_pad, h_b, b_pad)
 
     # ------------------------------------------------------------------ decoder side
+    @property
+    def output_weight(self) -> Tensor:
+        """The output layer's weight (V, C): the shared embeddings, or the output projection's."""
+        return self.embed_tokens.weight if self.output_projection is None else self.output_projection.weight
+
     def _output(self, x: Tensor) -> Tensor:
-        if self.output_projection is None:
-            return F.linear(x, self.embed_tokens.weight)  # (B, T, V)
-        return self.output_projection(x)
+        return F.linear(x, self.output_weight)  # (B, T, V)
 
     def init_decoder_state(self, enc: EncoderOut) -> DecoderState:
         """Incremental-decoding state; static cross/BERT keys and values are computed here once."""
         return self.decoder.init_state(enc.enc_out, enc.src_pad, enc.bert_out, enc.bert_pad)
 
     def decode(self, tgt_in: Tensor, enc: EncoderOut | None, state: DecoderState | None = None,
-               keep: Tensor | None = None) -> Tensor:
+               keep: Tensor | None = None, features_only: bool = False) -> Tensor:
         """Logits (B, T, V) for ``tgt_in`` (B, T) (paper eq. 3).
 
         state=None: teacher-forced full pass over ``tgt_in``. With a state: incremental step,
         ``tgt_in`` holds only the newest token(s) (B, 1); masks and keys come from the state
         (``enc`` may be None) and the state advances. ``keep``: return only some positions' logits (N, V),
         skipping the output layer at padding (training): a (B, T) bool mask, or (N,) long flat indexes
-        ``row * T + t`` (a fixed-size gather, no host sync; see ``Batch.out_idx``).
+        ``row * T + t`` (a fixed-size gather, no host sync; see ``Batch.out_idx``). ``features_only``: the
+        decoder's output before the output layer, (B, T, C) or (N, C) (the training loss applies that layer).
         """
         embed = self.embed_tokens if self.decoder_embed_tokens is None else self.decoder_embed_tokens
         tok = embed(tgt_in)  # (B, T, C)
@@ -163,7 +167,7 @@ class BertFusedTransformer(nn.Module):
             x = x[keep]  # (N, C); a data-dependent shape: the host waits for the device on a GPU
         elif keep is not None:
             x = x.flatten(0, 1).index_select(0, keep)  # (N', C): a fixed-size gather of flat positions
-        return self._output(x)  # (B, T, V), or (N, V) with keep
+        return x if features_only else self._output(x)  # (B, T, V), or (N, V) with keep
 
     def forward(
         self,
@@ -173,8 +177,10 @@ class BertFusedTransformer(nn.Module):
         bert_mask: Tensor | None = None,  # (B, E)
         bert_features: tuple[Tensor, Tensor] | None = None,  # precomputed (H_B, its pad mask)
         keep: Tensor | None = None,  # (B, T) bool, or (N',) long flat positions: logits only there -> (N, V)
+        features_only: bool = False,  # the decoder's output (B, T, C) instead of the logits
     ) -> Tensor:
-        return self.decode(tgt_in, self.encode(src, bert_ids, bert_mask, bert_features), keep=keep)  # (B, T, V)
+        enc = self.encode(src, bert_ids, bert_mask, bert_features)
+        return self.decode(tgt_in, enc, keep=keep, features_only=features_only)  # (B, T, V)
 
     def nmt_state_dict(self) -> dict[str, Tensor]:
         """The state dict without the pretrained encoder's ``bert.*`` weights (for checkpoints)."""
