@@ -22,13 +22,19 @@ def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, pad_id: int,
     ``F.cross_entropy(..., label_smoothing=eps, ignore_index=pad_id, reduction="sum")`` and its
     NLL, from one log-softmax instead of two: (1 - eps) * nll + eps / V * sum_c -log p_c.
     """
-    V = logits.size(-1)
-    lp = F.log_softmax(logits.float().view(-1, V), dim=-1)  # (N, V)
-    target = target.reshape(-1)  # (N,)
-    keep = target.ne(pad_id).to(lp.dtype)  # (N,) a multiplicative mask: no host sync (boolean indexing would)
-    nll = -(lp.gather(1, target.unsqueeze(1)).squeeze(1) * keep).sum()
-    loss = nll if eps == 0 else (1.0 - eps) * nll - (eps / V) * (lp.sum(-1) * keep).sum()
+    lp = F.log_softmax(logits.float().view(-1, logits.size(-1)), dim=-1)  # (N, V)
+    target = target.reshape(-1, 1)  # (N, 1)
+    keep = target.squeeze(1).ne(pad_id).to(lp.dtype)  # (N,) a multiplicative mask: boolean indexing would sync
+    loss, nll = _sums(lp, target, keep, eps)
     return loss, nll.detach()
+
+
+def _sums(lp: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
+          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(smoothed loss, NLL) summed over rows: ``lp`` (n, V) log-probabilities, ``target`` (n, 1), ``keep`` (n,)."""
+    nll = -(lp.gather(1, target).squeeze(1) * keep).sum()
+    loss = nll if eps == 0 else (1.0 - eps) * nll - (eps / lp.size(-1)) * (lp.sum(-1) * keep).sum()
+    return loss, nll
 
 
 def forward_loss(model: nn.Module, batch: Batch, pad_id: int, eps: float, device: torch.device,
@@ -77,9 +83,8 @@ class _LinearSmoothedLoss(torch.autograd.Function):
         for s in range(0, N, rows):
             xs, t, k = x[s:s + rows], target[s:s + rows, None], keep[s:s + rows]  # (n, C), (n, 1), (n,)
             lp = F.log_softmax(F.linear(xs, weight).float(), dim=-1)  # (n, V)
-            nl = -(lp.gather(1, t).squeeze(1) * k).sum()
-            loss = loss + (nl if eps == 0 else (1.0 - eps) * nl - (eps / V) * (lp.sum(-1) * k).sum())
-            nll = nll + nl
+            chunk_loss, chunk_nll = _sums(lp, t, k, eps)
+            loss, nll = loss + chunk_loss, nll + chunk_nll
             if not (need_x or need_w):
                 continue
             g = lp.exp_()  # (n, V) softmax; d loss / d logits = k * (softmax - (1 - eps) onehot - eps / V)
