@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from bertnmt.core.errors import BertNMTError, ConfigError, TrainingInterrupted
 from bertnmt.experiments.ablation import LAUNCHERS, run_ablation, write_reports
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--doc needs --converge (it holds the converged table)")
         seeds = parse_seeds(args.seeds)
         if args.report_only:
+            if not Path(out).is_dir():
+                raise ConfigError(f"--out {out}: no such folder, so nothing to report (run the sweep first)")
             jobs = ([(r.name, s) for r, s in plan_jobs(args.rows, seeds or [1])] if args.converge else None)
             md = write_reports(out, jobs=jobs)
         else:

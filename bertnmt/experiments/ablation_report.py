@@ -74,7 +74,7 @@ def read_row(out: Path, row: Row) -> RowResult | None:
         res.best_epochs.append(s.get("best_epoch"))
         res.stops.append(str(s.get("stop", "?")))
         hyp = path / f"test.{stage}.hyp"
-        res.hyps.append(str(hyp) if hyp.is_file() and (path / "test.ref").is_file() else None)
+        res.hyps.append(str(hyp) if hyp.is_file() else None)
         res.trainable_params, res.total_params = s.get("trainable_params"), s.get("total_params")
         base = summary.get("baseline") if stage != "baseline" else None
         if summary.get("warm_start"):

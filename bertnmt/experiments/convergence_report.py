@@ -5,15 +5,20 @@ seeds), our BLEU change against the Transformer row beside the paper's, the epoc
 until early stopping and its best validation epoch, and sacreBLEU's paired bootstrap of every seed
 against the Transformer row of the same seed (p-value; each system's 95% interval). Runs that have not
 finished are shown as pending, so the table can be built at any time from what the folder holds.
+A folder that keeps only the small result files (``docs/results/``: the corpus text stays out of git)
+has no ``test.ref``; its references are then the test split of the run's own data config, prepared again.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 import statistics
 from pathlib import Path
 from typing import Any
 
-from bertnmt.decoding.significance import compare_files
+from bertnmt.core.errors import DataError
+from bertnmt.decoding.significance import paired_bootstrap, read_lines
 from bertnmt.experiments.ablation_report import REFERENCE, RowResult, read_row
 from bertnmt.experiments.rows import ROW_BY_NAME, ROWS
 
@@ -36,6 +41,36 @@ def _tgt_lang(run_dir: str) -> str:
     return str(OmegaConf.load(cfg).data.tgt_lang) if cfg.is_file() else "en"
 
 
+@functools.lru_cache(maxsize=4)
+def _prepared_references(data_yaml: str) -> tuple[str, tuple[str, ...]]:
+    """(data key, test references) of a data config given as YAML, prepared (or loaded from the cache)."""
+    from omegaconf import OmegaConf
+
+    from bertnmt.core.config import DataConfig
+    from bertnmt.data.prepare import prepare_data
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(data_yaml)))
+    data = prepare_data(cfg)  # type: ignore[arg-type]
+    return data.key, tuple(data.splits["test"].tgt_text)
+
+
+def test_references(run_dir: str | Path) -> list[str]:
+    """A run's test references: its ``test.ref``, or else the test split of the data in its ``config.yaml``,
+    prepared again and checked against the data key its ``meta.json`` recorded."""
+    from omegaconf import OmegaConf
+
+    run = Path(run_dir)
+    if (run / "test.ref").is_file():
+        return read_lines(run / "test.ref")
+    key, refs = _prepared_references(OmegaConf.to_yaml(OmegaConf.load(run / "config.yaml").data))
+    meta = run / "meta.json"
+    recorded = json.loads(meta.read_text(encoding="utf-8")).get("data_key") if meta.is_file() else None
+    if recorded is not None and recorded != key:
+        raise DataError(f"{run}: its test references cannot be rebuilt: the data prepared from its config.yaml "
+                        f"has key {key}, the run used {recorded} (the corpus files or the data code changed)")
+    return list(refs)
+
+
 def significance(row: RowResult, ref: RowResult) -> dict[int, dict[str, Any]]:
     """Seed -> paired bootstrap (BLEU) of ``row`` against ``ref`` run with the same seed, where both decoded."""
     out: dict[int, dict[str, Any]] = {}
@@ -45,10 +80,10 @@ def significance(row: RowResult, ref: RowResult) -> dict[int, dict[str, Any]]:
         k = ref.seeds.index(seed)
         if ref.hyps[k] is None:
             continue
-        refs = Path(run) / "test.ref"
-        if refs.read_bytes() != (Path(ref.run_dirs[k]) / "test.ref").read_bytes():
+        refs = test_references(run)
+        if refs != test_references(ref.run_dirs[k]):
             continue  # not the same test set: no paired test
-        out[seed] = compare_files(refs, ref.hyps[k], hyp, _tgt_lang(run))["bleu"]
+        out[seed] = paired_bootstrap(refs, read_lines(ref.hyps[k]), read_lines(hyp), _tgt_lang(run))["bleu"]
     return out
 
 

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 import re
+import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -321,7 +323,7 @@ def _hyps(out: Path, row: str, seed: int, refs: list[str], hyps: list[str]) -> N
     (d / "summary.json").write_text(json.dumps(summary))
 
 
-def test_converged_table_with_pending_rows_and_paired_bootstrap(tmp_path: Path) -> None:
+def test_converged_table_with_pending_rows_and_paired_bootstrap(tmp_path: Path, capsys) -> None:
     from bertnmt.decoding.significance import paired_bootstrap
     from bertnmt.experiments.convergence_report import END, START, converged_table, update_doc
 
@@ -362,6 +364,8 @@ def test_converged_table_with_pending_rows_and_paired_bootstrap(tmp_path: Path) 
     assert doc.read_text() == f"# x\n\n{START}\n{table}\n{END}\n"
     assert "Pending: fused@2, dropnet_00@1." in (tmp_path / "converged.md").read_text()
     assert mod.main(["--report-only", "--out", str(tmp_path), "--doc", str(doc)]) == 2  # --doc needs --converge
+    assert mod.main(["--report-only", "--converge", "--rows", rows, "--out", str(tmp_path / "none")]) == 2
+    assert f"error: --out {tmp_path / 'none'}: no such folder" in capsys.readouterr().err
     bare = tmp_path / "bare.md"
     bare.write_text("no markers\n")
     with pytest.raises(ConfigError, match="no <!-- converged-table:start"):
@@ -439,6 +443,24 @@ def test_converged_sweep_is_killed_and_resumes_the_interrupted_row(tmp_path: Pat
     assert re.search(r"\| 1/1 \(s1\) \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d \| \+1\.88 \| 1/2 "
                      r"\| 0\.\d{3} \(s1\) \|", table)
     assert md.name == "ablations.md"
+
+    # what git keeps of the folder (docs/results/.gitignore: no checkpoints, no corpus text) rebuilds the same table
+    from bertnmt.experiments.convergence_report import converged_table
+
+    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+    names = "".join(f"docs/results/converged/{f.as_posix()}\n" for f in files)
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], input=names, cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    kept_files = [f for f in files if f"docs/results/converged/{f.as_posix()}" not in ignored]
+    assert {f.name for f in kept_files} >= {"summary.json", "config.yaml", "meta.json", "results.jsonl",
+                                             "test.transformer.hyp", "test.fused.hyp"}
+    assert not any(f.name == "test.ref" or f.suffix in (".pt", ".safetensors", ".log") for f in kept_files)
+    kept = tmp_path / "kept"
+    for f in kept_files:
+        (kept / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / f, kept / f)
+    jobs = [("transformer", 1), ("fused", 1), ("transformer", 2)]
+    assert converged_table(kept, jobs) == converged_table(out, jobs)
 
 
 def test_a_failed_run_does_not_stop_the_sweep(tmp_path: Path, monkeypatch) -> None:
