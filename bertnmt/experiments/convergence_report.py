@@ -54,7 +54,7 @@ def _prepared_references(data_yaml: str) -> tuple[str, tuple[str, ...]]:
     return data.key, tuple(data.splits["test"].tgt_text)
 
 
-def test_references(run_dir: str | Path) -> list[str]:
+def run_references(run_dir: str | Path) -> list[str]:
     """A run's test references: its ``test.ref``, or else the test split of the data in its ``config.yaml``,
     prepared again and checked against the data key its ``meta.json`` recorded."""
     from omegaconf import OmegaConf
@@ -80,8 +80,8 @@ def significance(row: RowResult, ref: RowResult) -> dict[int, dict[str, Any]]:
         k = ref.seeds.index(seed)
         if ref.hyps[k] is None:
             continue
-        refs = test_references(run)
-        if refs != test_references(ref.run_dirs[k]):
+        refs = run_references(run)
+        if refs != run_references(ref.run_dirs[k]):
             continue  # not the same test set: no paired test
         out[seed] = paired_bootstrap(refs, read_lines(ref.hyps[k]), read_lines(hyp), _tgt_lang(run))["bleu"]
     return out
